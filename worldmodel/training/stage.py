@@ -1,0 +1,85 @@
+"""What every training stage is to the shared loop: modules, optimisers, an EMA and `step(batch)`.
+
+A stage is a small object; the loop (`worldmodel.training.loop`) owns resume, time budget, EMA updates,
+logging, the progress bar and atomic checkpoints. A stage's `step` computes its losses (calling the
+stage's pure loss functions), steps its own optimisers (DMD's critic/generator ratio lives there) and
+returns plain floats for the log.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class EMA:
+    """Exponential moving average of a module's parameters (buffers are copied).
+
+    For the first `start` updates the average is copied outright from the online model: an EMA of a
+    freshly initialised network is a poor target (the Causal CD reference copies for ~200 steps).
+    """
+
+    def __init__(self, model: nn.Module, decay: float, start: int = 0):
+        self.decay = decay
+        self.start = start
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        decay = 0.0 if step < self.start else self.decay
+        for ema_p, p in zip(self.model.parameters(), model.parameters()):
+            ema_p.lerp_(p.detach().to(ema_p.dtype), 1.0 - decay)
+        for ema_b, b in zip(self.model.buffers(), model.buffers()):
+            ema_b.copy_(b)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state)
+
+
+class Stage:
+    """Base class of a training stage.
+
+    Subclasses set `name`, `online` (the network whose EMA the loop maintains, or None), `ema`
+    (an EMA of `online`, or None) and `optimizers` (name -> torch optimizer), and implement `step`.
+    Frozen networks (a teacher) are not part of the training state: they are reloaded from their
+    checkpoint path on resume.
+    """
+
+    name: str = "stage"
+    online: nn.Module | None = None
+    ema: EMA | None = None
+    optimizers: dict[str, torch.optim.Optimizer]
+
+    def step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """Modules whose weights are part of the training state (online nets, critics)."""
+        return {"online": self.online} if self.online is not None else {}
+
+    def export_modules(self) -> dict[str, nn.Module]:
+        """What a later stage or the shipped world uses: the EMA when there is one."""
+        if self.ema is not None:
+            return {"model": self.ema.model}
+        return {"model": self.online}
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {name: m.state_dict() for name, m in self.trainable_modules().items()}
+        state["optimizers"] = {name: opt.state_dict() for name, opt in self.optimizers.items()}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, module in self.trainable_modules().items():
+            module.load_state_dict(state[name])
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
