@@ -56,8 +56,9 @@ class DiTConfig:
         if self.dim % self.heads:
             raise ValueError(f"dit dim={self.dim} is not divisible by heads={self.heads}")
         head_dim = self.dim // self.heads
-        if head_dim % 6:
-            raise ValueError(f"dit head_dim={head_dim} must be divisible by 6 for 3-axis RoPE")
+        if head_dim % 4:
+            # RoPE splits each head over (frame, row, col); every axis needs an even share.
+            raise ValueError(f"dit head_dim={head_dim} must be divisible by 4 for 3-axis RoPE")
         if self.latent_height % self.patch_size or self.latent_width % self.patch_size:
             raise ValueError(
                 f"latent {self.latent_height}x{self.latent_width} not divisible by patch_size={self.patch_size}"
