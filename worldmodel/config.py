@@ -122,6 +122,13 @@ class OptimConfig:
     ema_decay: float = 0.999
     ema_start: int = 200
     """For the first ema_start steps the EMA is copied outright from the online model."""
+    lr_schedule: str = "constant"
+    """After the linear warm-up: "constant" or "cosine" (down to min_lr_ratio * lr at stage.steps)."""
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"optim.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
 
 
 @dataclass
@@ -146,12 +153,19 @@ class StageConfig:
     dmd_t_max: float = 0.98
     ode_samples: int = 256
     """Causal ODE: clips whose teacher trajectories are generated and stored."""
+    ode_pairs_dir: str = ""
+    """Causal ODE: where the stored trajectories persist (resumable); empty = OUT/ode_pairs of the run."""
     teacher: str = ""
     """Checkpoint of the frozen teacher (path); stages that need one fail clearly without it."""
     init: str = ""
     """Checkpoint the stage's network starts from (path)."""
     autoencoder: str = ""
     """Autoencoder checkpoint whose encoder makes latents for the latent stages."""
+    sigma_per_frame: float = 0.5
+    """Teacher: probability that a clip draws one noise level per frame instead of one for the clip
+    (per-frame levels let the bidirectional teacher denoise a frame beside clean context frames)."""
+    ae_edge_weight: float = 0.0
+    """Autoencoder: weight of an L1 loss on image gradients (sharper edges); 0 disables it."""
 
 
 @dataclass

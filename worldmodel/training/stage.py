@@ -55,6 +55,8 @@ class Stage:
     online: nn.Module | None = None
     ema: EMA | None = None
     optimizers: dict[str, torch.optim.Optimizer]
+    pose_stats: dict[str, list[float]] | None = None
+    """Normalisation of the pose deltas (from the data manifest); stored in every exported checkpoint."""
 
     def step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, float]:
         raise NotImplementedError
@@ -68,6 +70,18 @@ class Stage:
         if self.ema is not None:
             return {"model": self.ema.model}
         return {"model": self.online}
+
+    def on_export(self) -> dict[str, Any]:
+        """Called by the loop before the exported modules are written; returns extra metadata.
+
+        E.g. the autoencoder stage sets `latent_scale` here from the latent std it has measured.
+        """
+        return {}
+
+    def compile(self) -> None:
+        """torch.compile the trainable modules in place (state_dict keys stay unprefixed)."""
+        for module in self.trainable_modules().values():
+            module.compile()
 
     def state_dict(self) -> dict[str, Any]:
         state = {name: m.state_dict() for name, m in self.trainable_modules().items()}
@@ -83,3 +97,18 @@ class Stage:
             opt.load_state_dict(state["optimizers"][name])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
+
+
+def make_optimizer(params, lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with fp32 state; the loop scales each param group's lr from its `base_lr` (warm-up)."""
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+
+
+def optimizer_step(loss: torch.Tensor, module: nn.Module, optimizer: torch.optim.Optimizer,
+                   grad_clip: float) -> float:
+    """zero_grad -> backward -> clip -> step; returns the pre-clip gradient norm (for the log)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step()
+    return float(norm)

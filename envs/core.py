@@ -1,0 +1,154 @@
+"""The batched core that both envs drive: N worlds, one generator call per step.
+
+`WorldModelEnv` is a batch of one and `WorldModelVectorEnv` a batch of N over this same code, so the
+single and vector envs cannot drift apart. The core owns everything below the Gymnasium API: action
+checking and mapping to canonical (forward, strafe, turn, look), the action model, the generator and its
+per-world noise, integrated poses and rewards. It knows no window and no Gymnasium wrapper.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from data_tools.poses import integrate_deltas
+from envs.keymap import DISCRETE_ACTIONS
+from envs.rewards import RewardFn
+from worldmodel.inference.world import World, default_device
+
+ACTION_TYPES = ("keyboard", "camera")
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_world(world: str | Path | World | None) -> World:
+    return world if isinstance(world, World) else World.load(world)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def action_space(action_type: str, pitch: bool = True) -> spaces.Space:
+    """The single-world action space of an action type."""
+    if action_type == "keyboard":
+        return spaces.Discrete(len(DISCRETE_ACTIONS))
+    if action_type == "camera":
+        return spaces.Box(-1.0, 1.0, (4 if pitch else 3,), np.float32)
+    raise ValueError(f"unknown action_type {action_type!r}; use one of {ACTION_TYPES}")
+
+
+def canonical_actions(actions: Any, space: spaces.Space, num: int, who: str) -> np.ndarray:
+    """Checked batch of actions in `space` (leading dim `num`) -> canonical float32 (num, 4).
+
+    Raises ValueError saying what was expected; never changes any state.
+    """
+    arr = np.asarray(actions)
+    if isinstance(space, spaces.Discrete):
+        if arr.shape != (num,) or not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
+            raise ValueError(f"{who}: expected {num} integer action id(s) in [0, {space.n}), got {actions!r}")
+        if arr.min() < 0 or arr.max() >= space.n:
+            raise ValueError(f"{who}: action id(s) must be in [0, {space.n}), got {actions!r}")
+        return DISCRETE_ACTIONS[arr.astype(np.int64)]
+    dim = space.shape[0]
+    if arr.shape != (num, dim) or not np.issubdtype(arr.dtype, np.number):
+        raise ValueError(f"{who}: expected float action(s) of shape {(num, dim)[1 if num == 0 else 0:]} "
+                         f"in [-1, 1] (forward, strafe, turn{', look' if dim == 4 else ''}), got {actions!r}")
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{who}: action contains NaN or inf: {actions!r}")
+    if np.abs(arr).max(initial=0.0) > 1.0 + 1e-6:
+        raise ValueError(f"{who}: action components must be in [-1, 1], got {actions!r}")
+    out = np.zeros((num, 4), np.float32)
+    out[:, :dim] = np.clip(arr, -1.0, 1.0)
+    return out
+
+
+class WorldBatch:
+    """N worlds advanced together. Rows are reset individually; step advances all rows at once."""
+
+    def __init__(
+        self,
+        world: World,
+        num_worlds: int,
+        reward_fn: RewardFn,
+        *,
+        steps: int | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ):
+        self.world = world
+        self.num = num_worlds
+        self.device = torch.device(device) if device is not None else default_device()
+        self.generator = world.generator(num_worlds, steps=steps, device=self.device, dtype=resolve_dtype(dtype))
+        # One reward object per world: rewards like "explore" keep episode state.
+        self.rewards = [copy.deepcopy(reward_fn) for _ in range(num_worlds)]
+        h, w, _ = world.frame_shape
+        self.frames = np.zeros((num_worlds, h, w, 3), np.uint8)  # last observation of each world
+        self.poses = np.zeros((num_worlds, 5), np.float64)  # integrated (x, y, z, yaw, pitch)
+        self.prev_deltas = np.zeros((num_worlds, 5), np.float32)  # action-model state (momentum)
+        self.start_index = np.zeros(num_worlds, np.int64)
+        self.noise = [torch.Generator(self.device) for _ in range(num_worlds)]
+        self.started = False
+
+    def reset_rows(self, rows: list[int], rngs: list[np.random.Generator], starts: list[int | None]) -> None:
+        """Start rows `rows` from a start context; row i draws its noise seed (and start) from rngs[i]."""
+        n_starts = self.world.num_starts
+        for row, rng, start in zip(rows, rngs, starts):
+            # The noise seed comes first, so that choosing the start explicitly does not change the noise.
+            self.noise[row].manual_seed(int(rng.integers(2**63 - 1)))
+            if start is None:
+                start = int(rng.integers(n_starts))
+            if not 0 <= int(start) < n_starts:
+                raise ValueError(f"start_index must be in [0, {n_starts}), got {start}")
+            self.start_index[row] = int(start)
+        idx = self.start_index
+        frames = self.world.start_frames[idx]  # (N, T0, H, W, 3)
+        deltas = self.world.start_deltas[idx]  # (N, T0, 5)
+        mask = np.zeros(self.num, bool)
+        mask[rows] = True
+        if mask.all() or not self.started:
+            self.generator.reset(torch.from_numpy(frames), torch.from_numpy(deltas), generator=self.noise)
+            self.started = True
+        else:
+            self.generator.reset_rows(torch.from_numpy(mask), torch.from_numpy(frames), torch.from_numpy(deltas),
+                                      generator=self.noise)
+        for row in rows:
+            self.frames[row] = frames[row, -1]
+            self.poses[row] = self.world.start_poses[idx[row], -1]
+            self.prev_deltas[row] = deltas[row, -1]
+            reset = getattr(self.rewards[row], "reset", None)
+            if reset is not None:
+                reset(self.poses[row].copy())
+
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        """Advance every world by one frame. actions: canonical (N, 4) -> (frames, rewards (N,), latency_ms)."""
+        assert self.started, "reset the worlds before stepping them"
+        deltas = np.asarray(self.world.action_model.predict(self.prev_deltas, actions), np.float32)  # (N, 5)
+        t0 = time.perf_counter()
+        frames = self.generator.step(torch.from_numpy(deltas)).cpu().numpy()  # uint8 (N, H, W, 3)
+        latency_ms = (time.perf_counter() - t0) * 1000.0
+        rewards = np.zeros(self.num, np.float32)
+        for row in range(self.num):
+            self.poses[row] = integrate_pose(self.poses[row], deltas[row])
+            rewards[row] = float(self.rewards[row](frames[row], self.poses[row].copy(), actions[row]))
+        self.frames[:] = frames
+        self.prev_deltas[:] = deltas
+        return frames, rewards, latency_ms
+
+
+def integrate_pose(pose: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """Absolute pose after one delta. A zero delta first makes this independent of whether
+    integrate_deltas applies the first delta or treats it as the (zero) delta of the start frame."""
+    seq = np.stack([np.zeros(5, np.float32), np.asarray(delta, np.float32)])
+    return np.asarray(integrate_deltas(np.asarray(pose, np.float32), seq), np.float64)[-1]

@@ -1,0 +1,107 @@
+"""Stages 0-2 learn on the synthetic world; the batcher and noise-level draws do what they say."""
+
+import pytest
+import torch
+
+from data_tools.shards import ClipDataset, read_manifest
+from synthetic import make_autoencoder_checkpoint, make_data_dir, tiny_config
+from worldmodel.checkpoint import CheckpointError
+from worldmodel.training.ar_diffusion import block_sigma
+from worldmodel.training.batches import LatentBatcher, float_to_frames, frames_to_float
+from worldmodel.training.loop import train
+from worldmodel.training.registry import build_stage
+from worldmodel.training.teacher import draw_pose_keep
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = make_data_dir(tmp_path_factory.mktemp("data"), episodes=3, heldout=1, frames=40)
+    return d, read_manifest(d)["pose_stats"]
+
+
+@pytest.fixture(scope="module")
+def ae_ckpt(tmp_path_factory, data):
+    return make_autoencoder_checkpoint(tmp_path_factory.mktemp("ae") / "autoencoder", tiny_config(), data[1])
+
+
+def fixed_batches(data_dir, cfg, n=3):
+    ds = ClipDataset(data_dir, cfg.data.clip_frames)
+    idx = torch.linspace(0, len(ds) - 1, n * cfg.data.batch_size).long().view(n, -1)
+    return [{k: torch.stack([ds[int(i)][k] for i in row]) for k in ("frames", "deltas")} for row in idx]
+
+
+@torch.no_grad()
+def eval_loss(stage, batches):
+    """Mean loss of a DiT stage on fixed batches with fixed noise (comparable before/after)."""
+    torch.manual_seed(1234)
+    return sum(stage.loss(**{k: v for k, v in stage.batcher(b).items()}).item() for b in batches) / len(batches)
+
+
+def test_frames_round_trip():
+    x = torch.randint(0, 256, (2, 3, 8, 16, 3), dtype=torch.uint8)
+    f = frames_to_float(x)
+    assert f.shape == (2, 3, 3, 8, 16) and f.min() >= -1 and f.max() <= 1
+    assert torch.equal(float_to_frames(f), x)
+
+
+def test_latent_batcher_normalises_pose(data, ae_ckpt):
+    d, stats = data
+    cfg = tiny_config()
+    stage = build_stage("teacher", tiny_config(f"stage.autoencoder={ae_ckpt}"), "cpu", stats)
+    b = fixed_batches(d, cfg, 1)[0]
+    out = LatentBatcher(stage.batcher.autoencoder, stats, "cpu", keep_frames=True)(b)
+    assert out["x0"].shape == (4, 4, 4, 4, 6) and out["frames"].shape == (4, 4, 3, 32, 48)
+    mean, std = torch.tensor(stats["mean"]), torch.tensor(stats["std"])
+    torch.testing.assert_close(out["pose"] * std + mean, b["deltas"], atol=1e-4, rtol=1e-4)
+
+
+def test_noise_level_draws():
+    s = block_sigma(5, 7, 3, shift=3.0, device="cpu")
+    assert s.shape == (5, 7)
+    assert torch.equal(s[:, 0], s[:, 2]) and torch.equal(s[:, 3], s[:, 5]) and not torch.equal(s[:, 2], s[:, 3])
+    keep = draw_pose_keep(200, 4, 0.5, "cpu")
+    assert (keep == keep[:, :1]).all() and 50 < keep[:, 0].sum() < 150  # one decision per clip
+
+
+def test_autoencoder_learns_and_sets_latent_scale(data, tmp_path):
+    d, stats = data
+    cfg = tiny_config("stage.steps=40", "data.batch_size=2", "optim.ema_start=1000")  # EMA copies: export = online net
+    stage = build_stage("autoencoder", cfg, "cpu", stats)
+    summary = train(stage, ClipDataset(d, cfg.data.clip_frames), cfg, tmp_path)
+    lines = [l for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    import json
+
+    first, last = json.loads(lines[0]), json.loads(lines[-1])
+    assert last["loss"] < 0.5 * first["loss"] and last["psnr"] > first["psnr"] + 5
+    assert summary["metrics"]["psnr"] > 16
+    # latent_scale: encode() of data has ~unit std
+    x = frames_to_float(fixed_batches(d, cfg, 1)[0]["frames"]).flatten(0, 1)
+    with torch.no_grad():
+        z = stage.ema.model.encode(x)
+    assert 0.7 < z.std().item() < 1.4, z.std()
+    meta = json.loads((tmp_path / "autoencoder.json").read_text())
+    assert meta["latent_scale"] == pytest.approx(float(stage.ema.model.latent_scale))
+
+
+@pytest.mark.parametrize("name", ["teacher", "ar_diffusion"])
+def test_dit_stage_loss_decreases(name, data, ae_ckpt, tmp_path):
+    d, stats = data
+    over = [f"stage.autoencoder={ae_ckpt}", "stage.steps=60", "stage.checkpoint_every=1000"]
+    if name == "ar_diffusion":
+        teacher = build_stage("teacher", tiny_config(*over), "cpu", stats)
+        train(teacher, ClipDataset(d, 4), tiny_config(*over, "stage.steps=1"), tmp_path / "t")
+        over.append(f"stage.init={tmp_path / 't' / 'teacher.safetensors'}")
+    cfg = tiny_config(*over)
+    stage = build_stage(name, cfg, "cpu", stats)
+    batches = fixed_batches(d, cfg)
+    before = eval_loss(stage, batches)
+    train(stage, ClipDataset(d, cfg.data.clip_frames), cfg, tmp_path / name)
+    after = eval_loss(stage, batches)
+    assert after < 0.8 * before, (before, after)
+
+
+def test_ar_diffusion_needs_init(data, ae_ckpt):
+    with pytest.raises(CheckpointError, match="stage.init"):
+        build_stage("ar_diffusion", tiny_config(f"stage.autoencoder={ae_ckpt}"), "cpu", data[1])
+    with pytest.raises(CheckpointError, match="stage.autoencoder"):
+        build_stage("teacher", tiny_config(), "cpu", data[1])

@@ -1,0 +1,169 @@
+"""StreamingGenerator: few-step, frame-by-frame (or block-by-block) generation with the DiT's KV cache.
+
+Per block (DESIGN §4, Inference): start from noise; for each sigma of the step list predict x0 with a
+cached forward (write=False) and re-noise it to the next sigma with fresh noise; after the last step run
+the network once on the clean block at sigma = context_noise_inference with write=True so that its keys
+and values enter the cache (a ring with sink frames: bounded memory for any rollout length); decode.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from worldmodel.config import FlowConfig, GeneratorConfig
+from worldmodel.diffusion.flow import add_noise, few_step_sample, step_sigmas, x0_from_v
+from worldmodel.models.autoencoder import Autoencoder, frames_to_tensor, tensor_to_frames
+from worldmodel.models.dit import WorldDiT
+
+Tensor = torch.Tensor
+
+
+def _on(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The module in eval mode on (device, dtype); a copy when it must move, so that a caller's training
+    model (or its fp32 EMA) is never cast in place."""
+    p = next(module.parameters())
+    if p.device != device or p.dtype != dtype:
+        module = copy.deepcopy(module).to(device=device, dtype=dtype)
+    return module.eval()
+
+
+class StreamingGenerator:
+    """B worlds stepped together. reset() once with ground-truth context, then step()/step_block().
+
+    dtype: the networks' compute dtype. bf16 helps on GPUs and on CPUs with AMX / AVX512-BF16; on CPUs
+    without them (e.g. AVX2-only) bf16 convolutions are ~100x slower than fp32: measure.
+    """
+
+    def __init__(
+        self,
+        dit: WorldDiT,
+        autoencoder: Autoencoder | None,
+        pose_stats: dict,
+        gen_cfg: GeneratorConfig,
+        flow_cfg: FlowConfig,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.device, self.dtype = torch.device(device), dtype
+        self.dit = _on(dit, self.device, dtype)
+        self.autoencoder = None if autoencoder is None else _on(autoencoder, self.device, dtype)
+        mean, std = pose_stats["mean"], pose_stats["std"]
+        self.pose_mean = torch.as_tensor(np.asarray(mean, dtype=np.float32), device=self.device)
+        self.pose_std = torch.as_tensor(np.asarray(std, dtype=np.float32), device=self.device)
+        if self.pose_mean.shape != (dit.cfg.pose_dim,) or self.pose_std.shape != (dit.cfg.pose_dim,):
+            raise ValueError(f"pose_stats mean/std must have {dit.cfg.pose_dim} values each, got {mean} / {std}")
+        if (self.pose_std <= 0).any():
+            raise ValueError(f"pose_stats std must be positive, got {std}")
+        self.block_size = gen_cfg.block_size
+        self.cache_frames, self.sink_frames = gen_cfg.cache_frames, gen_cfg.sink_frames
+        self.sigmas = step_sigmas(gen_cfg.steps, flow_cfg.shift)
+        self.first_sigmas = step_sigmas(gen_cfg.first_frame_steps, flow_cfg.shift)
+        self.context_sigma = float(flow_cfg.context_noise_inference)
+        cfg = dit.cfg
+        self.latent_shape = (cfg.latent_channels, cfg.latent_height, cfg.latent_width)
+        self.cache = None
+        self.generator: torch.Generator | None = None
+        self._first = True
+        self._queue: list[Tensor] = []  # frames of the current block not yet handed out by step()
+
+    # ----- helpers -----
+
+    def _tensor(self, a, dtype: torch.dtype | None = None) -> Tensor:
+        t = torch.as_tensor(np.asarray(a)) if isinstance(a, np.ndarray) else a
+        return t.to(self.device) if dtype is None else t.to(self.device, dtype)
+
+    def _pose(self, deltas) -> Tensor:
+        """Raw pose deltas (..., 5) -> normalised, in the compute dtype."""
+        d = self._tensor(deltas, torch.float32)
+        return ((d - self.pose_mean) / self.pose_std).to(self.dtype)
+
+    def _randn(self, shape: tuple[int, ...]) -> Tensor:
+        return torch.randn(shape, generator=self.generator, device=self.device, dtype=self.dtype)
+
+    def _sigma(self, s: float, shape: tuple[int, int]) -> Tensor:
+        return torch.full(shape, s, device=self.device, dtype=torch.float32)
+
+    def _write(self, z: Tensor, pose: Tensor) -> None:
+        """Put clean latents z (B, Tb, C, h, w) into the cache at the context noise level."""
+        s = self.context_sigma
+        if s > 0:  # the network was trained with context noise of this level: give it the same input
+            z = add_noise(z, self._randn(tuple(z.shape)), s)
+        self.dit.forward_cached(z, self._sigma(s, tuple(z.shape[:2])), pose, self.cache, write=True)
+
+    def encode(self, frames) -> Tensor:
+        """uint8 (B, T, H, W, 3) -> latents (B, T, C, h, w) in the compute dtype."""
+        if self.autoencoder is None:
+            raise RuntimeError("StreamingGenerator has no autoencoder: pass one to encode context frames")
+        f = self._tensor(frames)
+        if f.dtype != torch.uint8 or f.ndim != 5 or f.shape[-1] != 3:
+            raise ValueError(f"context_frames must be uint8 (B, T0, H, W, 3), got {f.dtype} {tuple(f.shape)}")
+        B, T = f.shape[:2]
+        z = self.autoencoder.encode(frames_to_tensor(f.flatten(0, 1)).to(self.dtype))
+        return z.unflatten(0, (B, T))
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Latents (B, T, C, h, w) -> uint8 (B, T, H, W, 3)."""
+        if self.autoencoder is None:
+            raise RuntimeError("StreamingGenerator has no autoencoder: call with decode=False")
+        B, T = z.shape[:2]
+        return tensor_to_frames(self.autoencoder.decode(z.flatten(0, 1))).unflatten(0, (B, T))
+
+    # ----- public API -----
+
+    @torch.inference_mode()
+    def reset(self, context_frames, context_deltas, generator: torch.Generator | None = None, *, latents: bool = False) -> None:
+        """Start B worlds from ground-truth frames uint8 (B, T0, H, W, 3) and raw deltas (B, T0, 5).
+
+        latents=True: context_frames are already latents (B, T0, C, h, w) (no autoencoder needed).
+        The context is written block by block (block_size frames, from frame 0), as in training.
+        """
+        z = self._tensor(context_frames, self.dtype) if latents else self.encode(context_frames)
+        pose = self._pose(context_deltas)
+        B, T0 = z.shape[:2]
+        if pose.shape != (B, T0, self.dit.cfg.pose_dim):
+            raise ValueError(f"context_deltas must be (B, T0, 5) = {(B, T0, 5)}, got {tuple(pose.shape)}")
+        if self.cache is None or self.cache.batch_size != B:
+            self.cache = self.dit.new_cache(B, self.cache_frames, self.sink_frames, self.device, self.dtype)
+        self.cache.reset()
+        self.generator = generator
+        for i in range(0, T0, self.block_size):
+            self._write(z[:, i : i + self.block_size], pose[:, i : i + self.block_size])
+        self._first = True
+        self._queue = []
+
+    @torch.inference_mode()
+    def step_block(self, deltas, *, decode: bool = True) -> Tensor:
+        """Generate one block: raw deltas (B, Tb, 5) -> uint8 (B, Tb, H, W, 3) (latents if decode=False)."""
+        if self.cache is None:
+            raise RuntimeError("StreamingGenerator.step_block before reset(): give it context frames first")
+        pose = self._pose(deltas)
+        B, Tb = self.cache.batch_size, self.block_size
+        if pose.shape != (B, Tb, self.dit.cfg.pose_dim):
+            raise ValueError(f"deltas must be (B, block_size, 5) = {(B, Tb, 5)}, got {tuple(pose.shape)}")
+        shape = (B, Tb, *self.latent_shape)
+
+        def x0_fn(x: Tensor, s: float) -> Tensor:
+            v = self.dit.forward_cached(x, self._sigma(s, (B, Tb)), pose, self.cache, write=False)
+            return x0_from_v(x, v, s)
+
+        sigmas = self.first_sigmas if self._first else self.sigmas
+        z = few_step_sample(x0_fn, self._randn(shape), sigmas, lambda: self._randn(shape))
+        self._write(z, pose)
+        self._first = False
+        return self.decode(z) if decode else z
+
+    @torch.inference_mode()
+    def step(self, deltas, *, decode: bool = True) -> Tensor:
+        """One frame: raw deltas (B, 5) -> uint8 (B, H, W, 3) (latents (B, C, h, w) if decode=False).
+
+        Chunk-wise (block_size > 1): when no frame is pending, a block is generated with this delta held
+        for all its frames; the next block_size - 1 calls hand out the rest (their deltas are unused).
+        """
+        if not self._queue:
+            d = self._tensor(deltas, torch.float32)
+            block = self.step_block(d[:, None].expand(-1, self.block_size, -1), decode=decode)
+            self._queue = list(block.unbind(1))
+        return self._queue.pop(0)

@@ -1,0 +1,176 @@
+"""One attention function, the cached block masks of the training modes, and the streaming KV cache.
+
+Masks are boolean (L_q, L_k) with True = "may attend" (SDPA's convention). Tokens are frame-major:
+token index = frame * tokens_per_frame + token-in-frame; frames are grouped into blocks of
+`block_size` frames counted from frame 0.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+try:  # flash-attn is an optional GPU extra (setup.cfg [gpu]); SDPA is always there.
+    from flash_attn import flash_attn_func as _flash_attn_func
+except Exception:  # ImportError, or a wheel built against another torch/CUDA
+    _flash_attn_func = None
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """q: (B, H, Lq, hd), k/v: (B, H, Lk, hd), mask: bool (Lq, Lk) or None -> (B, H, Lq, hd)."""
+    if (
+        _flash_attn_func is not None
+        and mask is None
+        and q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+    ):
+        # flash-attn wants (B, L, H, hd).
+        out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _frame_blocks(frames: int, block_size: int, device: torch.device) -> Tensor:
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    return torch.arange(frames, device=device) // block_size
+
+
+@functools.lru_cache(maxsize=64)
+def block_causal_mask(frames: int, tokens_per_frame: int, block_size: int, device: torch.device | str = "cpu") -> Tensor:
+    """(T*N, T*N) bool: a token sees every token of its own block and of earlier blocks."""
+    device = torch.device(device)
+    blk = _frame_blocks(frames, block_size, device).repeat_interleave(tokens_per_frame)
+    return blk[:, None] >= blk[None, :]
+
+
+@functools.lru_cache(maxsize=64)
+def teacher_forcing_mask(frames: int, tokens_per_frame: int, block_size: int, device: torch.device | str = "cpu") -> Tensor:
+    """(2T*N, 2T*N) bool over [clean frames 0..T-1, noisy frames 0..T-1] (DESIGN §4, stage 2).
+
+    clean -> clean: block-causal (own block and earlier); clean -> noisy: never;
+    noisy block i -> clean blocks < i, and -> noisy block i only.
+    """
+    device = torch.device(device)
+    blk = _frame_blocks(frames, block_size, device).repeat_interleave(tokens_per_frame)
+    q, k = blk[:, None], blk[None, :]
+    clean_clean = q >= k
+    clean_noisy = torch.zeros_like(clean_clean)
+    noisy_clean = q > k
+    noisy_noisy = q == k
+    top = torch.cat([clean_clean, clean_noisy], dim=1)
+    bottom = torch.cat([noisy_clean, noisy_noisy], dim=1)
+    return torch.cat([top, bottom], dim=0)
+
+
+class KVCache:
+    """Per-layer static K/V buffers for streaming: `sink_frames` kept forever + a ring of recent frames.
+
+    Buffers: (B, heads, cache_frames * tokens_per_frame, head_dim) per layer for K and V. K is stored
+    UN-ROTATED (after qk-norm, before RoPE) so that the network can give the visible frames positions
+    relative to the window: sinks 0..s-1, then the recent frames consecutively, the current block after
+    them. Positions therefore never exceed cache_frames + block, and frame 100,000 looks like frame 10.
+
+    Protocol for one block of Tb frames: every layer calls `visible(layer)` (the frames written before
+    this block), attends, and when writing calls `append(layer, k, v)`; after the last layer the caller
+    calls `advance(Tb)` once. `append` writes slots for frames not yet counted by `advance`, so all layers
+    of one block land in the same slots.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        heads: int,
+        head_dim: int,
+        tokens_per_frame: int,
+        cache_frames: int,
+        sink_frames: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> None:
+        if not 0 <= sink_frames < cache_frames:
+            raise ValueError(
+                f"KVCache needs 0 <= sink_frames < cache_frames, got sink_frames={sink_frames}, "
+                f"cache_frames={cache_frames}"
+            )
+        self.num_layers, self.batch_size, self.heads, self.head_dim = num_layers, batch_size, heads, head_dim
+        self.tokens_per_frame = tokens_per_frame
+        self.cache_frames, self.sink_frames = cache_frames, sink_frames
+        self.ring_frames = cache_frames - sink_frames
+        shape = (batch_size, heads, cache_frames * tokens_per_frame, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.device = torch.device(device)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every frame (buffers are kept, not reallocated)."""
+        self.frames_written = 0
+        self._update_order()
+
+    @property
+    def frames_visible(self) -> int:
+        return min(self.frames_written, self.cache_frames)
+
+    def _slot(self, frame: int) -> int:
+        """Cache slot (in frames) of absolute frame index `frame`."""
+        if frame < self.sink_frames:
+            return frame
+        return self.sink_frames + (frame - self.sink_frames) % self.ring_frames
+
+    def _visible_frames(self) -> list[int]:
+        """Absolute indices of the visible frames in temporal order."""
+        n, s = self.frames_written, self.sink_frames
+        recent_start = max(s, n - self.ring_frames)
+        return list(range(min(n, s))) + list(range(recent_start, n))
+
+    def _update_order(self) -> None:
+        # Token-level gather index (temporal order), rebuilt once per block rather than per layer.
+        slots = torch.tensor([self._slot(f) for f in self._visible_frames()], dtype=torch.long)
+        tok = torch.arange(self.tokens_per_frame, dtype=torch.long)
+        self._order = (slots[:, None] * self.tokens_per_frame + tok[None, :]).reshape(-1).to(self.device)
+        n = self.frames_visible
+        # When the buffer is filled in order (no wrap yet), the visible tokens are a plain prefix.
+        self._is_prefix = all(self._slot(f) == i for i, f in enumerate(self._visible_frames()))
+        self._prefix_tokens = n * self.tokens_per_frame
+
+    def visible(self, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+        """K (un-rotated), V: (B, heads, n*N, hd) in temporal order; frame positions (n,) = 0..n-1."""
+        n = self.frames_visible
+        if self._is_prefix:
+            k = self.k[layer][:, :, : self._prefix_tokens]
+            v = self.v[layer][:, :, : self._prefix_tokens]
+        else:
+            k = self.k[layer].index_select(2, self._order)
+            v = self.v[layer].index_select(2, self._order)
+        return k, v, torch.arange(n, device=self.device)
+
+    def append(self, layer: int, k: Tensor, v: Tensor) -> None:
+        """Write one block's un-rotated k, v: (B, heads, Tb*N, hd), Tb <= ring_frames."""
+        n_tok = k.shape[2]
+        if n_tok % self.tokens_per_frame:
+            raise ValueError(f"KVCache.append got {n_tok} tokens, not a multiple of {self.tokens_per_frame}")
+        tb = n_tok // self.tokens_per_frame
+        if tb > self.ring_frames:
+            raise ValueError(
+                f"KVCache: a block of {tb} frames does not fit the ring of {self.ring_frames} frames "
+                f"(cache_frames - sink_frames); raise cache_frames"
+            )
+        N = self.tokens_per_frame
+        for i in range(tb):
+            slot = self._slot(self.frames_written + i)
+            self.k[layer][:, :, slot * N : (slot + 1) * N] = k[:, :, i * N : (i + 1) * N]
+            self.v[layer][:, :, slot * N : (slot + 1) * N] = v[:, :, i * N : (i + 1) * N]
+
+    def advance(self, frames: int) -> None:
+        """Count `frames` as written (after every layer appended them)."""
+        self.frames_written += frames
+        self._update_order()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)

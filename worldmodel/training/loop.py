@@ -1,0 +1,263 @@
+"""The one training loop every stage runs in: load -> while step < steps: batch -> step -> save.
+
+The loop owns what stages must not each re-implement: resume (models, EMA, optimisers, step, RNG,
+data position, config check), the time budget, EMA updates, the learning-rate warm-up/schedule, the
+JSONL log, the progress bar and atomic checkpoints. A stage only turns a batch into losses and
+optimiser steps (`Stage.step`).
+
+Files in `out_dir`:
+    state.pt                  everything to resume (checkpoint.save_training_state, atomic)
+    <stage>.safetensors/.json the exported modules (bf16) + provenance, what the next stage loads
+    metrics.jsonl             one line per log interval
+
+Distributed (`torchrun`): rank and world size come from the environment, the sampler is sharded by
+rank and only rank 0 writes files. Gradient averaging is the stage's business (wrap its online
+module in DDP); everything here already works per rank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from data_tools.shards import ResumableSampler
+from worldmodel.checkpoint import CheckpointError, load_training_state, save_training_state, save_weights
+from worldmodel.config import RunConfig, diff_configs
+from worldmodel.training.batches import autocast, to_device
+from worldmodel.training.stage import Stage
+
+STATE_FILE = "state.pt"
+METRICS_FILE = "metrics.jsonl"
+# Sections of the resolved config that must not change across a resume (steps, budget, lr may).
+RESUME_SECTIONS = ("data", "autoencoder", "dit")
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world_size) from torchrun's environment; (0, 1) for a plain run."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of each param group's base lr at `step` (0-based): linear warm-up, then flat or cosine."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizers: dict[str, torch.optim.Optimizer], factor: float) -> float:
+    """Scale every param group from its own base lr (a critic keeps its own); returns the first lr."""
+    first = None
+    for opt in optimizers.values():
+        for group in opt.param_groups:
+            group.setdefault("base_lr", group["lr"])
+            group["lr"] = group["base_lr"] * factor
+            first = group["lr"] if first is None else first
+    return first or 0.0
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def manifest_sha256(dataset) -> str | None:
+    """sha256 of the data manifest the dataset reads (provenance in every exported checkpoint)."""
+    data_dir = getattr(dataset, "data_dir", None)  # ClipDataset has it; a toy test dataset may not
+    if data_dir is None or not (Path(data_dir) / "manifest.json").is_file():
+        return None
+    return hashlib.sha256((Path(data_dir) / "manifest.json").read_bytes()).hexdigest()
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes: CUDA allocator peak on GPU, process max RSS on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def batch_stream(loader: DataLoader, sampler: ResumableSampler, start_step: int, batches_per_epoch: int,
+                 batch_size: int):
+    """Endless batches, starting exactly at the batch `start_step` of the seeded epoch sequence.
+
+    The position is derived from the step counter (not the sampler's own counter, which runs ahead
+    by the DataLoader's prefetch), so a resumed run sees the same batches as an uninterrupted one.
+    """
+    epoch, k = divmod(start_step, batches_per_epoch)
+    while True:
+        sampler.set_position(epoch, k * batch_size)
+        yield from loader
+        epoch, k = epoch + 1, 0
+
+
+def check_resume_config(path: Path, state: dict[str, Any], cfg: RunConfig, stage_name: str) -> None:
+    if state.get("stage") != stage_name:
+        raise CheckpointError(f"{path} is a {state.get('stage')!r} training state, not {stage_name!r}; "
+                              "use another --out or drop --resume")
+    stored = state.get("config", {})
+    now = cfg.to_dict()
+    problems = [f"{sec}.{d}" for sec in RESUME_SECTIONS for d in diff_configs(now[sec], stored.get(sec, {}))]
+    if problems:
+        raise CheckpointError(f"cannot resume from {path}: config changed (checkpoint != now): "
+                              + "; ".join(problems) + ". Resume with the same data/model settings.")
+
+
+def export(stage: Stage, out_dir: Path, cfg: RunConfig, step: int, info: dict[str, Any]) -> Path:
+    """Write the stage's exported modules as `<stage>.safetensors` (bf16) + provenance JSON.
+
+    One module is stored without prefix (what load_weights expects); several under `name.` prefixes.
+    """
+    meta_extra = stage.on_export()
+    modules = stage.export_modules()
+    if len(modules) == 1:
+        tensors = next(iter(modules.values())).state_dict()
+    else:
+        tensors = {f"{n}.{k}": v for n, m in modules.items() for k, v in m.state_dict().items()}
+    meta = {"config": cfg.to_dict(), "stage": stage.name, "step": step, "modules": sorted(modules),
+            "pose_stats": stage.pose_stats, **info, **meta_extra}
+    return save_weights(out_dir / f"{stage.name}.safetensors", tensors, meta)
+
+
+def train(stage: Stage, dataset, cfg: RunConfig, out_dir: str | Path, *, time_budget: float | None = None,
+          resume: bool = False, device: torch.device | str = "cpu", max_steps: int | None = None) -> dict[str, Any]:
+    """Run `stage` on `dataset` until cfg.stage.steps (or max_steps, or the time budget in seconds).
+
+    Returns a summary: step, stopped ("done" | "time_budget" | "max_steps"), last metrics, paths.
+    `max_steps` stops early at that absolute step without changing the lr schedule (tests use it to
+    simulate an interruption).
+    """
+    t_start = time.time()
+    device = torch.device(device)
+    out_dir = Path(out_dir)
+    rank, world = dist_info()
+    writer = rank == 0
+    if writer:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    sc, oc = cfg.stage, cfg.optim
+    total = sc.steps
+    stop_at = total if max_steps is None else min(total, max_steps)
+
+    # ---- load ----
+    step, gpu_seconds = 0, 0.0
+    if resume:
+        state_path = out_dir / STATE_FILE
+        state = load_training_state(state_path, map_location=device)
+        check_resume_config(state_path, state, cfg, stage.name)
+        stage.load_state_dict(state["stage_state"])
+        step, gpu_seconds = int(state["step"]), float(state.get("gpu_seconds", 0.0))
+        set_rng_state(state["rng"])
+    else:
+        seed_everything(cfg.seed + rank)
+    if sc.compile:
+        stage.compile()
+
+    batch_size = cfg.data.batch_size
+    sampler = ResumableSampler(len(dataset), seed=cfg.seed, rank=rank, world_size=world)
+    batches_per_epoch = len(sampler) // batch_size
+    if batches_per_epoch < 1:
+        raise ValueError(f"dataset has {len(sampler)} clips per rank, fewer than data.batch_size={batch_size}")
+    # Its own generator: DataLoader iterators otherwise draw from the global RNG (breaks exact resume).
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+                        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+                        persistent_workers=cfg.data.num_workers > 0,
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    batches = batch_stream(loader, sampler, step, batches_per_epoch, batch_size)
+    info = {"data_manifest_sha256": manifest_sha256(dataset)}
+
+    def save(metrics: dict[str, float]) -> float:
+        """Training state + exported weights; returns the seconds it took (for the budget margin)."""
+        t0 = time.time()
+        if writer:
+            epoch, k = divmod(step, batches_per_epoch)
+            save_training_state(out_dir / STATE_FILE, {
+                "format": 1, "stage": stage.name, "step": step, "stage_state": stage.state_dict(),
+                "rng": rng_state(), "data": {"epoch": epoch, "position": k * batch_size, "seed": cfg.seed},
+                "config": cfg.to_dict(), "gpu_seconds": gpu_seconds_now(), "metrics": metrics,
+            })
+            export(stage, out_dir, cfg, step, {**info, "metrics": metrics, "gpu_seconds": gpu_seconds_now(),
+                                               "peak_mem": peak_memory(device)})
+        return time.time() - t0
+
+    run_start = time.time()
+
+    def gpu_seconds_now() -> float:
+        return gpu_seconds + (time.time() - run_start) * world
+
+    # ---- train ----
+    log_path = out_dir / METRICS_FILE
+    sums: dict[str, float] = {}
+    n_sum, t_log, metrics = 0, time.time(), {}
+    # Until a save has been timed, keep 10% of the budget (at most 30 s) for the final checkpoint.
+    save_margin = min(30.0, 0.1 * time_budget) if time_budget else 0.0
+    step_time, stopped = 0.0, "done"
+    bar = tqdm(total=stop_at, initial=step, desc=stage.name, disable=not writer, dynamic_ncols=True)
+    while step < stop_at:
+        if time_budget is not None and time.time() - t_start + step_time + save_margin > time_budget:
+            stopped = "time_budget"
+            break
+        t0 = time.time()
+        batch = to_device(next(batches), device)
+        lr = set_lr(stage.optimizers, lr_factor(step, oc.warmup_steps, total, oc.lr_schedule, oc.min_lr_ratio))
+        with autocast(device, sc.bf16):
+            losses = stage.step(batch, step)
+        if stage.ema is not None:
+            stage.ema.update(stage.online, step)
+        step += 1
+        step_time = 0.9 * step_time + 0.1 * (time.time() - t0) if step > 1 else time.time() - t0
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        n_sum += 1
+        bar.update(1)
+        if step % sc.log_every == 0 or step == stop_at or step == 1:
+            dt = time.time() - t_log
+            metrics = {k: v / n_sum for k, v in sums.items()}
+            record = {"step": step, **metrics, "lr": lr, "samples_per_s": n_sum * batch_size * world / max(dt, 1e-9),
+                      "elapsed": time.time() - t_start}
+            if writer:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            bar.set_postfix({k: f"{v:.4g}" for k, v in list(metrics.items())[:3]})
+            sums, n_sum, t_log = {}, 0, time.time()
+        if step % sc.checkpoint_every == 0 and step < stop_at:
+            save_seconds = save(metrics)
+            if time_budget:
+                save_margin = 1.5 * save_seconds + 0.5
+    bar.close()
+    if stopped == "done" and step < total:
+        stopped = "max_steps"
+    if sums:
+        metrics = {k: v / n_sum for k, v in sums.items()}
+    save(metrics)
+    return {"stage": stage.name, "step": step, "stopped": stopped, "metrics": metrics,
+            "seconds": time.time() - t_start, "gpu_seconds": gpu_seconds_now(), "peak_mem": peak_memory(device),
+            "state": str(out_dir / STATE_FILE), "weights": str(out_dir / f"{stage.name}.safetensors")}
