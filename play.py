@@ -240,9 +240,13 @@ def main(argv=None) -> None:
         os.environ["SDL_VIDEODRIVER"] = "dummy"
         os.environ["SDL_AUDIODRIVER"] = "dummy"
     from envs.world_model_env import WorldModelEnv
+    from worldmodel.inference.world import WorldError
 
-    env = WorldModelEnv(world=args.world, steps=args.steps, device=args.device, dtype=args.dtype,
-                        action_type="camera", report_latency=True)
+    try:
+        env = WorldModelEnv(world=args.world, steps=args.steps, device=args.device, dtype=args.dtype,
+                            action_type="camera", report_latency=True)
+    except WorldError as err:
+        sys.exit(f"play.py: {err}")
     steps_label = str(args.steps or env.world.config.generator.steps)
     game = Game(env, scale=args.scale, smooth=args.smooth, seed=args.seed, record=args.record,
                 steps_label=steps_label)

@@ -3,17 +3,19 @@
     python -m data_tools.record --out data/doom --episodes 64 --frames-per-episode 1000 --workers 2 --seed 0
 
 Engine setup: Freedoom 2 (shipped in the vizdoom wheel), HUD, weapon, crosshair, messages and
-screen flashes off, no monsters by default, hidden window, RGB24, rendered at --render-resolution
+screen flashes off, view bob off (`+movebob 0`), no monsters by default, hidden window, RGB24, rendered at --render-resolution
 and resized with cv2.INTER_AREA to --height x --width. One engine process per worker (spawn);
 episode k has its own seed f(--seed, k), held-out episodes draw seeds from a disjoint range, so the
 same --seed gives identical frames and poses whatever --workers is.
 
 Actions (float32 (4,) in [-1, 1]) map to ViZDoom delta buttons, per game tic (×frame_skip per frame):
-    forward  -> MOVE_FORWARD_BACKWARD_DELTA  x 50   (Doom's running forwardmove; ~16 units/tic top speed)
-    strafe   -> MOVE_LEFT_RIGHT_DELTA        x 40   (Doom's running sidemove; + = right)
-    turn     -> TURN_LEFT_RIGHT_DELTA        x -6   degrees/tic (engine + = right; ours + = left)
-    look     -> LOOK_UP_DOWN_DELTA           x 2    degrees/tic (+ = up)
-At frame skip 4 a full turn is 24 deg/frame (a 360 in 15 frames), close to Doom's keyboard turn.
+    forward  -> MOVE_FORWARD_BACKWARD_DELTA  x 25    (Doom's walking forwardmove; ~8 units/tic top speed)
+    strafe   -> MOVE_LEFT_RIGHT_DELTA        x 24    (Doom's walking sidemove; + = right)
+    turn     -> TURN_LEFT_RIGHT_DELTA        x -3.5  degrees/tic (Doom's keyboard turn; engine + = right)
+    look     -> LOOK_UP_DOWN_DELTA           x 1.5   degrees/tic (+ = up)
+Walking, not running: at frame skip 4 running covers ~65 units per recorded frame, so consecutive
+frames share little and both the world model and the annotator suffer. A full turn is 14 deg/frame
+(a 360 in 26 frames, 3 s at 8.75 frames/s).
 Pose of frame i = (POSITION_X, POSITION_Y, POSITION_Z, ANGLE, -PITCH) read after action i, i.e. the
 pose frame i shows. The field of view is the engine's (90 deg horizontal at 4:3; measured with a pure
 rotation fit, and ViZDoom 1.3.2 ignores a `+fov` argument, so only 90 is accepted).
@@ -39,7 +41,7 @@ from data_tools.shards import FORMAT_VERSION, compute_pose_stats, write_episode,
 
 # Per-tic engine units of a full action, in (forward, strafe, turn, look) order; signs map our
 # conventions (turn + = left, look + = up) onto the engine's.
-ACTION_SCALE = np.array([50.0, 40.0, -6.0, 2.0])
+ACTION_SCALE = np.array([25.0, 24.0, -3.5, 1.5])
 ENGINE_FOV = 90.0
 HELDOUT_SEED_OFFSET = 1_000_000  # held-out episode seeds never collide with train seeds
 
@@ -76,7 +78,9 @@ def find_wad(name: str) -> str:
 def engine_settings(s: RecordSettings) -> dict:
     """Everything the engine is told, as data (tests assert it: HUD hidden is a property of this)."""
     w, h = (int(v) for v in s.render_resolution.lower().split("x"))
-    args = ["+sv_nomonsters 0" if s.monsters else "+sv_nomonsters 1"]
+    # View bob off: walking (even into a wall) would move the camera up and down by a few units that the
+    # recorded pose (feet position) does not show, and a frame must be a function of the pose.
+    args = ["+sv_nomonsters 0" if s.monsters else "+sv_nomonsters 1", "+movebob 0"]
     return {"wad": find_wad(s.wad), "map": s.map, "screen_resolution": f"RES_{w}X{h}", "screen_format": "RGB24",
             "render_hud": False, "render_minimal_hud": False, "render_weapon": False, "render_crosshair": False,
             "render_messages": False, "render_screen_flashes": False, "render_decals": False,

@@ -4,8 +4,6 @@ Gymnasium 1.x loads no plugins from entry points, so use `import envs` (or the i
 `"envs:worldmodel/Doom-v0"`) before `gymnasium.make("worldmodel/Doom-v0")`.
 """
 
-from __future__ import annotations
-
 import gymnasium
 
 from envs.keymap import ACTION_NAMES, DISCRETE_ACTIONS

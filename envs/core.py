@@ -48,28 +48,28 @@ def action_space(action_type: str, pitch: bool = True) -> spaces.Space:
     raise ValueError(f"unknown action_type {action_type!r}; use one of {ACTION_TYPES}")
 
 
-def canonical_actions(actions: Any, space: spaces.Space, num: int, who: str) -> np.ndarray:
-    """Checked batch of actions in `space` (leading dim `num`) -> canonical float32 (num, 4).
-
-    Raises ValueError saying what was expected; never changes any state.
-    """
+def canonical_actions(actions: Any, space: spaces.Space, num: int | None, who: str) -> np.ndarray:
+    """Checked actions of `space` -> canonical float32 (N, 4). num=None: one action (single env), else a
+    batch of `num` (vector env). Raises ValueError saying what was expected; never changes any state."""
     arr = np.asarray(actions)
+    lead = () if num is None else (num,)
     if isinstance(space, spaces.Discrete):
-        if arr.shape != (num,) or not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
-            raise ValueError(f"{who}: expected {num} integer action id(s) in [0, {space.n}), got {actions!r}")
+        if arr.shape != lead or not np.issubdtype(arr.dtype, np.integer):
+            what = "an integer action id" if num is None else f"{num} integer action ids, shape ({num},)"
+            raise ValueError(f"{who}: expected {what} in [0, {space.n}), got {actions!r}")
         if arr.min() < 0 or arr.max() >= space.n:
-            raise ValueError(f"{who}: action id(s) must be in [0, {space.n}), got {actions!r}")
-        return DISCRETE_ACTIONS[arr.astype(np.int64)]
+            raise ValueError(f"{who}: action ids must be in [0, {space.n}), got {actions!r}")
+        return DISCRETE_ACTIONS[arr.astype(np.int64).reshape(-1)]
     dim = space.shape[0]
-    if arr.shape != (num, dim) or not np.issubdtype(arr.dtype, np.number):
-        raise ValueError(f"{who}: expected float action(s) of shape {(num, dim)[1 if num == 0 else 0:]} "
-                         f"in [-1, 1] (forward, strafe, turn{', look' if dim == 4 else ''}), got {actions!r}")
-    arr = arr.astype(np.float32)
+    if arr.shape != lead + (dim,) or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        names = "forward, strafe, turn" + (", look" if dim == 4 else "")
+        raise ValueError(f"{who}: expected a float array of shape {lead + (dim,)} in [-1, 1] ({names}), got {actions!r}")
+    arr = arr.astype(np.float32).reshape(-1, dim)
     if not np.isfinite(arr).all():
         raise ValueError(f"{who}: action contains NaN or inf: {actions!r}")
-    if np.abs(arr).max(initial=0.0) > 1.0 + 1e-6:
+    if np.abs(arr).max() > 1.0 + 1e-6:
         raise ValueError(f"{who}: action components must be in [-1, 1], got {actions!r}")
-    out = np.zeros((num, 4), np.float32)
+    out = np.zeros((len(arr), 4), np.float32)
     out[:, :dim] = np.clip(arr, -1.0, 1.0)
     return out
 
@@ -104,14 +104,13 @@ class WorldBatch:
     def reset_rows(self, rows: list[int], rngs: list[np.random.Generator], starts: list[int | None]) -> None:
         """Start rows `rows` from a start context; row i draws its noise seed (and start) from rngs[i]."""
         n_starts = self.world.num_starts
+        for start in starts:  # checked before any state changes
+            if start is not None and not 0 <= int(start) < n_starts:
+                raise ValueError(f"start_index must be in [0, {n_starts}), got {start}")
         for row, rng, start in zip(rows, rngs, starts):
             # The noise seed comes first, so that choosing the start explicitly does not change the noise.
             self.noise[row].manual_seed(int(rng.integers(2**63 - 1)))
-            if start is None:
-                start = int(rng.integers(n_starts))
-            if not 0 <= int(start) < n_starts:
-                raise ValueError(f"start_index must be in [0, {n_starts}), got {start}")
-            self.start_index[row] = int(start)
+            self.start_index[row] = int(rng.integers(n_starts)) if start is None else int(start)
         idx = self.start_index
         frames = self.world.start_frames[idx]  # (N, T0, H, W, 3)
         deltas = self.world.start_deltas[idx]  # (N, T0, 5)
@@ -148,7 +147,7 @@ class WorldBatch:
 
 
 def integrate_pose(pose: np.ndarray, delta: np.ndarray) -> np.ndarray:
-    """Absolute pose after one delta. A zero delta first makes this independent of whether
-    integrate_deltas applies the first delta or treats it as the (zero) delta of the start frame."""
+    """Absolute pose (5,) after one delta (5,). integrate_deltas treats deltas[0] as the start frame's own
+    (zero) delta, so the step goes second."""
     seq = np.stack([np.zeros(5, np.float32), np.asarray(delta, np.float32)])
     return np.asarray(integrate_deltas(np.asarray(pose, np.float32), seq), np.float64)[-1]

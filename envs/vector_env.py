@@ -8,6 +8,9 @@ because both drive the same `envs.core.WorldBatch`.
 Autoreset follows Gymnasium 1.x `AutoresetMode.NEXT_STEP`: the step after a world terminates or is
 truncated resets it (its action is ignored, reward 0, its observation is the new start frame).
 Infos are dicts of arrays with a boolean `_key` mask, as Gymnasium vector envs return them.
+`reset(options={"reset_mask": (N,) bool})` restarts only some worlds (see
+`worldmodel.inference.batched.BatchedGenerator.reset_rows` for what that means for their KV cache);
+`options={"start_index": i or (N,) ints}` chooses start contexts.
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ class WorldModelVectorEnv(gymnasium.vector.VectorEnv):
         if unknown:
             raise ValueError(f"unknown reset option(s) {sorted(unknown)}; known: ['reset_mask', 'start_index']")
         rows = list(range(self.num_envs))
-        if "reset_mask" in options:
+        if "reset_mask" in options and self._core.started:  # before the first reset every world starts
             rows = [int(i) for i in np.flatnonzero(np.asarray(options["reset_mask"], bool))]
         starts = options.get("start_index")
         starts = [None] * self.num_envs if starts is None else list(np.broadcast_to(starts, (self.num_envs,)))

@@ -124,7 +124,7 @@ class WorldModelEnv(gymnasium.Env):
     def step(self, action):
         if not self._core.started:
             raise RuntimeError("call reset() before step()")
-        actions = canonical_actions(np.asarray(action)[None], self.action_space, 1, type(self).__name__)
+        actions = canonical_actions(action, self.action_space, None, type(self).__name__)
         frames, rewards, latency_ms = self._core.step(actions)
         self._steps += 1
         truncated = self.max_episode_steps is not None and self._steps >= self.max_episode_steps

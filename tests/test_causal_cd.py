@@ -80,8 +80,6 @@ def test_stage_calls_teacher_once_guided_and_ema_as_target(guidance):
         for p in stage.ema.model.parameters():
             p.add_(0.01)
     ema_calls, online_calls = [], []
-    stage.ema.model.register_forward_hook(lambda *a: ema_calls.append(1))
-    stage.online.register_forward_hook(lambda *a: online_calls.append(1))
     orig_ema, orig_online = stage.ema.model.forward_teacher_forcing, stage.online.forward_teacher_forcing
     stage.ema.model.forward_teacher_forcing = lambda *a, **k: ema_calls.append(1) or orig_ema(*a, **k)
     stage.online.forward_teacher_forcing = lambda *a, **k: online_calls.append(1) or orig_online(*a, **k)
@@ -97,16 +95,16 @@ def test_stage_calls_teacher_once_guided_and_ema_as_target(guidance):
 
 def test_loss_decreases_on_gaussian_toy():
     """Teacher = exact PF-ODE of N(0.7, 0.4^2) latents; the student (a tiny WorldDiT starting at x0 = x_t)
-    learns the consistency map: the CD loss falls several-fold in 150 steps."""
+    learns the consistency map: the CD loss falls several-fold in 80 steps."""
     cfg = tiny("optim.lr=0.003", "optim.ema_decay=0.9", "optim.ema_start=20", "flow.grid_size=8")
     stage = CausalCDStage(cfg, "cpu", None, student=random_dit(cfg, seed=0, scale=0.0),
                           teacher=GaussianDenoiser(0.7, 0.4))
     b = latent_batch(cfg, 8)
     losses = []
-    for i in range(150):
+    for i in range(80):
         losses.append(stage.step(b, i)["loss"])
         stage.ema.update(stage.online, i)  # the loop's job
-    first, last = sum(losses[:15]) / 15, sum(losses[-15:]) / 15
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     print("Causal CD toy loss first/last", first, last)
     assert last < 0.3 * first, (first, last)
 

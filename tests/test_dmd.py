@@ -6,10 +6,14 @@ import copy
 import pytest
 import torch
 
-from distill_toys import GaussianDenoiser, gaussian_x0, latent_batch, random_dit, tiny
+from data_tools.shards import ClipDataset, read_manifest
+from distill_toys import GaussianDenoiser, dit_checkpoint, gaussian_x0, latent_batch, random_dit, tiny
+from synthetic import make_autoencoder_checkpoint, make_data_dir
 from worldmodel.diffusion.flow import add_noise, step_sigmas
 from worldmodel.inference.generator import StreamingGenerator
 from worldmodel.training.dmd import DMDStage, dmd_generator_loss, dmd_gradient
+from worldmodel.training.loop import train
+from worldmodel.training.registry import build_stage
 from worldmodel.training.rollout import self_rollout
 
 
@@ -90,7 +94,9 @@ def test_rollout_grad_only_through_exit_step(exit_step):
                        cache_frames=6, sink_frames=1)
     assert out.shape == (2, 2, 4, 4, 6) and out.requires_grad
     ctx = [(False, True, 0.0)] * 2
-    per_block = [(False, False, s) for s in rounded[:exit_step]] + [(True, False, rounded[exit_step]), (False, True, 0.0)]
+    # (grad enabled, write, sigma): free steps, the exit step with grad, then the cache write at sigma 0
+    per_block = [(False, False, s) for s in rounded[:exit_step]]
+    per_block += [(True, False, rounded[exit_step]), (False, True, 0.0)]
     assert calls == ctx + per_block * 2
     # The history in the cache is detached: no buffer joined the graph.
     assert not any(k.requires_grad or v.requires_grad for k, v in zip(caches[0].k, caches[0].v))
@@ -171,3 +177,29 @@ def test_generator_training_moves_student_toward_teacher():
     after = distance()
     print("toy DMD distance before/after", before, after)
     assert after < 0.5 * before, (before, after)
+
+
+def test_state_round_trips_through_loop(tmp_path_factory, tmp_path):
+    """4 steps straight == 2 steps, checkpoint, resume, 2 steps: generator, critic, EMA, both optimisers."""
+    d = make_data_dir(tmp_path_factory.mktemp("data"), episodes=3, heldout=1, frames=24)
+    stats = read_manifest(d)["pose_stats"]
+    cfg = tiny()
+    ae = make_autoencoder_checkpoint(tmp_path / "autoencoder", cfg, stats)
+    teacher = dit_checkpoint(tmp_path / "teacher", cfg, random_dit(cfg, seed=4), stats, "teacher")
+    student = dit_checkpoint(tmp_path / "causal_cd", cfg, random_dit(cfg, seed=5), stats, "causal_cd")
+    cfg = tiny(f"stage.autoencoder={ae}", f"stage.teacher={teacher}", f"stage.init={student}", "stage.steps=4",
+               "stage.checkpoint_every=100", "stage.critic_steps=2", "generator.steps=2", "stage.student_steps=2")
+    ds = ClipDataset(d, 4)
+    full = build_stage("dmd", cfg, "cpu", stats)
+    train(full, ds, cfg, tmp_path / "a")
+    train(build_stage("dmd", cfg, "cpu", stats), ds, cfg, tmp_path / "b", max_steps=2)
+    resumed = build_stage("dmd", cfg, "cpu", stats)
+    train(resumed, ds, cfg, tmp_path / "b", resume=True)
+    for m in ("online", "critic"):
+        for a, b in zip(getattr(full, m).parameters(), getattr(resumed, m).parameters()):
+            torch.testing.assert_close(a, b)
+    for a, b in zip(full.ema.model.parameters(), resumed.ema.model.parameters()):
+        torch.testing.assert_close(a, b)
+    # The export is the EMA generator alone (what inference loads).
+    from worldmodel.checkpoint import read_meta
+    assert read_meta(tmp_path / "b" / "dmd.safetensors")["modules"] == ["model"]

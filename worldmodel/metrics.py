@@ -32,10 +32,14 @@ def _gaussian_window(size: int, sigma: float, channels: int, device, dtype) -> T
     return (g[:, None] * g[None, :]).expand(channels, 1, size, size).contiguous()
 
 
-def ssim(x: Tensor, y: Tensor, data_range: float = 2.0, window: int = 11, sigma: float = 1.5) -> Tensor:
+def ssim(x: Tensor, y: Tensor, window: int = 11, sigma: float = 1.5) -> Tensor:
     """Structural similarity (Wang et al. 2004, Gaussian 11x11 window, valid region), mean over
-    channels and pixels: x, y (..., C, H, W) -> (...,). The window shrinks for frames under 11 px."""
-    x, y = as_float(x), as_float(y)
+    channels and pixels: x, y (..., C, H, W) in [-1, 1] (or uint8 frames) -> (...,).
+
+    Computed on intensities mapped to [0, 1]: SSIM's luminance term is not shift-invariant and is
+    defined for non-negative intensities. The window shrinks for frames under 11 px."""
+    x, y = (as_float(x) + 1) / 2, (as_float(y) + 1) / 2
+    data_range = 1.0
     lead, (c, h, w) = x.shape[:-3], x.shape[-3:]
     x, y = x.reshape(-1, c, h, w), y.reshape(-1, c, h, w)
     window = min(window, h, w)

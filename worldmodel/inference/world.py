@@ -77,6 +77,9 @@ class World:
         if missing:
             raise WorldError(f"world {path} lacks {', '.join(missing)}; {_HOW_TO_GET}")
         info = _read_json(path / "world.json")
+        if info.get("format_version", 0) > FORMAT_VERSION:
+            raise WorldError(f"{path / 'world.json'} has format_version {info['format_version']}, this code reads "
+                             f"up to {FORMAT_VERSION}; update the worldmodel package")
         try:
             config = from_dict(RunConfig, info["config"], where=str(path / "world.json"))
             pose_stats, fps = info["pose_stats"], float(info["fps"])
@@ -146,7 +149,8 @@ def save_world(
     pose_stats = {k: [float(v) for v in np.asarray(pose_stats[k]).reshape(-1)] for k in ("mean", "std")}
     meta = {"pose_stats": pose_stats, "provenance": provenance}
     save_weights(out / "student", dit, {**meta, "config": {"dit": dataclasses.asdict(cfg.dit)}})
-    save_weights(out / "autoencoder", autoencoder, {**meta, "config": {"autoencoder": dataclasses.asdict(cfg.autoencoder)}})
+    ae_meta = {**meta, "config": {"autoencoder": dataclasses.asdict(cfg.autoencoder)}}
+    save_weights(out / "autoencoder", autoencoder, ae_meta)
     (out / "action_model.json").write_text(action_model.to_json())
     np.savez(out / "start_contexts.npz", frames=frames, deltas=deltas, poses=poses)
     info = {"format_version": FORMAT_VERSION, "config": cfg.to_dict(), "pose_stats": pose_stats,

@@ -49,11 +49,14 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale) + shift
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding of any-shaped t -> t.shape + (dim,), in float32."""
+def timestep_frequencies(dim: int, max_period: float = 10000.0) -> Tensor:
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[..., None] * freqs
+    return torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+
+
+def timestep_embedding(t: Tensor, freqs: Tensor) -> Tensor:
+    """Sinusoidal embedding of any-shaped t -> t.shape + (2 * len(freqs),), in float32."""
+    args = t.float()[..., None] * freqs.float()
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
@@ -70,26 +73,38 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
-class RoPE3D(nn.Module):
-    """Angles over (frame, row, col): spatial part precomputed, the frame part from given positions."""
+class RoPE3D:
+    """Angles over (frame, row, col): spatial part precomputed, the frame part from given positions.
+
+    Deliberately not an nn.Module with buffers: module.to(bfloat16) would round the frequencies, and the
+    network must see the same angles in fp32 training and bf16 inference. Tables are float32 on the CPU
+    and moved per device; cos/sin are cast to the compute dtype at the end.
+    """
 
     def __init__(self, head_dim: int, rows: int, cols: int, theta: float) -> None:
-        super().__init__()
         n_f, n_r, n_c = rope_split(head_dim)
         inv = lambda n: theta ** (-torch.arange(n, dtype=torch.float64) / max(n, 1))  # noqa: E731
         r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
-        spatial = torch.cat([r.reshape(-1, 1) * inv(n_r), c.reshape(-1, 1) * inv(n_c)], dim=-1)
-        self.register_buffer("inv_frame", inv(n_f).float(), persistent=False)
-        self.register_buffer("spatial", spatial.float(), persistent=False)  # (N, n_r + n_c)
+        self.inv_frame = inv(n_f)
+        self.spatial = torch.cat([r.reshape(-1, 1) * inv(n_r), c.reshape(-1, 1) * inv(n_c)], dim=-1)  # (N, n_r+n_c)
+        self._tables: dict = {}
 
-    def forward(self, frame_pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """frame_pos: (T,) -> cos, sin: (T*N, hd/2) for frame-major tokens."""
-        N = self.spatial.shape[0]
-        temporal = frame_pos.float()[:, None] * self.inv_frame  # (T, n_f)
-        ang = torch.cat(
-            [temporal[:, None].expand(-1, N, -1), self.spatial[None].expand(len(frame_pos), -1, -1)], dim=-1
-        ).reshape(len(frame_pos) * N, -1)
-        return ang.cos().to(dtype), ang.sin().to(dtype)
+    def __call__(self, frame_pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """frame_pos: (T,) -> cos, sin: (T*N, hd/2) on frame_pos.device, for frame-major tokens."""
+        N, T = self.spatial.shape[0], len(frame_pos)
+        temporal = frame_pos.detach().cpu().double()[:, None] * self.inv_frame  # (T, n_f)
+        ang = torch.cat([temporal[:, None].expand(-1, N, -1), self.spatial[None].expand(T, -1, -1)], dim=-1)
+        ang = ang.reshape(T * N, -1)
+        return ang.cos().to(frame_pos.device, dtype), ang.sin().to(frame_pos.device, dtype)
+
+    def table(self, frames: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+        """cos, sin for positions 0..frames-1, memoised: streaming asks for the same few sizes every step.
+        Built outside inference_mode so that a table made while generating can serve training later."""
+        key = (frames, dtype, device)
+        if key not in self._tables:
+            with torch.inference_mode(False):
+                self._tables[key] = self(torch.arange(frames, device=device), dtype)
+        return self._tables[key]
 
 
 class Block(nn.Module):
@@ -127,6 +142,7 @@ class WorldDiT(nn.Module):
         self.head_dim = D // cfg.heads
         self.patch_embed = nn.Linear(C * p * p, D)
         self.freq_dim = 256
+        self._t_freqs = timestep_frequencies(self.freq_dim)  # float32 whatever the module dtype
         self.time_mlp = nn.Sequential(nn.Linear(self.freq_dim, D), nn.SiLU(), nn.Linear(D, D))
         self.pose_mlp = nn.Sequential(nn.Linear(cfg.pose_dim, D), nn.SiLU(), nn.Linear(D, D))
         self.null_pose = nn.Parameter(torch.zeros(D))
@@ -156,6 +172,12 @@ class WorldDiT(nn.Module):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
+    def _freqs_on(self, device: torch.device) -> Tensor:
+        if self._t_freqs.device != device:
+            with torch.inference_mode(False):  # may be first called while generating; serves training too
+                self._t_freqs = self._t_freqs.to(device)
+        return self._t_freqs
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -164,7 +186,7 @@ class WorldDiT(nn.Module):
     def condition(self, sigma: Tensor, pose: Tensor, pose_keep: Tensor | None) -> Tensor:
         """sigma (B, T), pose (B, T, pose_dim) normalised, pose_keep (B, T) bool | None -> c (B, T, D)."""
         dtype = self.patch_embed.weight.dtype
-        t = self.time_mlp(timestep_embedding(sigma * 1000.0, self.freq_dim).to(dtype))
+        t = self.time_mlp(timestep_embedding(sigma * 1000.0, self._freqs_on(sigma.device)).to(dtype))
         pe = self.pose_mlp(pose.to(dtype))
         if pose_keep is not None:
             keep = pose_keep.reshape(pose_keep.shape + (1,) * (pe.ndim - pose_keep.ndim)).to(torch.bool)
@@ -198,8 +220,10 @@ class WorldDiT(nn.Module):
         out = self.final_linear(modulate(self.final_norm(tok), shift, scale))
         return rearrange(out, "b t (hh ww) (c p q) -> b t c (hh p) (ww q)", hh=self.rows, p=p, q=p)
 
-    def _masked_attend(self, frame_pos: Tensor, mask: Tensor | None) -> Callable[[int], Attend]:
-        cos, sin = self.rope(frame_pos, self.patch_embed.weight.dtype)
+    def _masked_attend(self, frames: int, copies: int, mask: Tensor | None, device: torch.device) -> Callable[[int], Attend]:
+        """Positions 0..frames-1, repeated `copies` times along the tokens (teacher forcing: 2)."""
+        cos, sin = self.rope.table(frames, self.patch_embed.weight.dtype, device)
+        cos, sin = cos.repeat(copies, 1), sin.repeat(copies, 1)
 
         def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             return attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mask)
@@ -226,8 +250,7 @@ class WorldDiT(nn.Module):
             mask = block_causal_mask(T, self.tokens_per_frame, block_size, x.device)
         else:
             raise ValueError(f"WorldDiT mode must be 'bidirectional' or 'causal', got {mode!r}")
-        pos = torch.arange(T, device=x.device)
-        return self.forward_with(x, sigma, pose, pose_keep, self._masked_attend(pos, mask))
+        return self.forward_with(x, sigma, pose, pose_keep, self._masked_attend(T, 1, mask, x.device))
 
     def forward_teacher_forcing(
         self,
@@ -248,9 +271,8 @@ class WorldDiT(nn.Module):
         sigma = torch.cat([sig(sigma_clean), sig(sigma_noisy)], dim=1)
         pose2 = torch.cat([pose, pose], dim=1)
         keep2 = None if pose_keep is None else torch.cat([pose_keep, pose_keep], dim=1)
-        pos = torch.arange(T, device=dev).repeat(2)
         mask = teacher_forcing_mask(T, self.tokens_per_frame, block_size, dev)
-        return self.forward_with(x, sigma, pose2, keep2, self._masked_attend(pos, mask))[:, T:]
+        return self.forward_with(x, sigma, pose2, keep2, self._masked_attend(T, 2, mask, dev))[:, T:]
 
     def new_cache(
         self, batch_size: int, cache_frames: int, sink_frames: int, device: torch.device | str, dtype: torch.dtype
@@ -279,7 +301,7 @@ class WorldDiT(nn.Module):
         if x.shape[0] != cache.batch_size:
             raise ValueError(f"forward_cached: batch {x.shape[0]} != cache batch {cache.batch_size}; make a new cache")
         n = cache.frames_visible
-        cos, sin = self.rope(torch.arange(n + Tb, device=x.device), self.patch_embed.weight.dtype)
+        cos, sin = self.rope.table(n + Tb, self.patch_embed.weight.dtype, x.device)
         split = n * self.tokens_per_frame
         cos_c, sin_c, cos_q, sin_q = cos[:split], sin[:split], cos[split:], sin[split:]
 

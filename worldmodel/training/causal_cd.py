@@ -14,6 +14,7 @@ outright for the first optim.ema_start steps, §4b); the exported weights are th
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -45,7 +46,8 @@ def draw_pairs(grid: Tensor, batch_size: int, generator: torch.Generator | None 
 
 
 @torch.no_grad()
-def consistency_target(teacher_v: ClipFn, ema_x0: ClipFn, x_hi: Tensor, t_hi: Tensor, t_lo: Tensor) -> tuple[Tensor, Tensor]:
+def consistency_target(teacher_v: ClipFn, ema_x0: ClipFn, x_hi: Tensor, t_hi: Tensor,
+                       t_lo: Tensor) -> tuple[Tensor, Tensor]:
     """One teacher Euler step then the EMA's x0 there: x_hi (B,T,...) -> (target, x_lo), both (B,T,...).
 
     Rectified-flow paths are straight, so dx/dt = v and the Euler step is x + (t_lo - t_hi) v.
@@ -77,9 +79,9 @@ class CausalCDStage(Stage):
         st, fl, opt = cfg.stage, cfg.flow, cfg.optim
         self.teacher = teacher if teacher is not None else load_teacher(cfg, device, pose_stats, self.name)
         self.teacher.eval().requires_grad_(False)
-        if student is None:
-            student = load_trainable(st.init or st.teacher, "init" if st.init else "teacher", cfg, device,
-                                     pose_stats, self.name)
+        if student is None:  # the same AR weights as the teacher unless stage.init names others
+            student = (load_trainable(st.init, "init", cfg, device, pose_stats, self.name) if st.init
+                       else copy.deepcopy(self.teacher))
         self.online = student.to(device).train().requires_grad_(True)
         self.ema = EMA(self.online, opt.ema_decay, opt.ema_start)
         self.optimizers = {"student": make_optimizer(self.online.parameters(), opt.lr, opt.betas, opt.weight_decay)}
@@ -92,7 +94,9 @@ class CausalCDStage(Stage):
 
     def closures(self, x_clean: Tensor, sigma_clean: Tensor, pose: Tensor) -> tuple[ClipFn, ClipFn, ClipFn]:
         """(student_x0, teacher_v (guided), ema_x0) sharing one clean context."""
-        tf = lambda m, g: teacher_forced_v(m, x_clean, sigma_clean, pose, block_size=self.block_size, guidance=g)  # noqa: E731
+        def tf(model: nn.Module, guidance: float) -> ClipFn:
+            return teacher_forced_v(model, x_clean, sigma_clean, pose, block_size=self.block_size, guidance=guidance)
+
         return x0_closure(tf(self.online, 1.0)), tf(self.teacher, self.guidance), x0_closure(tf(self.ema.model, 1.0))
 
     def step(self, batch: dict[str, Tensor], step: int) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""What the distillation stages (Causal CD, Causal ODE, DMD) share: closures, context noise, optimiser.
+"""What the distillation stages (Causal CD, Causal ODE, DMD) share: closures, loading, a clock.
 
 Every distillation stage evaluates networks through the teacher-forcing forward with one clean context
 (Causal CD/ODE) or bidirectionally over a whole clip (DMD); the closures below bind that context once so
@@ -17,8 +17,11 @@ from torch import nn
 
 from worldmodel.config import RunConfig
 from worldmodel.diffusion.flow import guided, x0_from_v
+from worldmodel.models.autoencoder import Autoencoder
+from worldmodel.models.dit import WorldDiT
 from worldmodel.training.batches import LatentBatcher, check_pose_stats
-from worldmodel.training.registry import load_frozen, load_into
+from worldmodel.training.registry import load_frozen, load_into, require_checkpoint
+from worldmodel.training.teacher import check_latent_shape
 
 Tensor = torch.Tensor
 # fn(x_noisy (B,T,C,h,w), sigma (B,)) -> v or x0 (B,T,C,h,w)
@@ -88,23 +91,15 @@ class GpuClock:
         self.total += (time.perf_counter() - self._t0) * world
 
 
-def build_dit(cfg: RunConfig, device: torch.device) -> nn.Module:
-    from worldmodel.models.dit import WorldDiT  # models import is heavy-ish; keep module import light
-
-    return WorldDiT(cfg.dit).to(device)
-
-
 def load_teacher(cfg: RunConfig, device: torch.device, pose_stats: dict[str, Any] | None, stage: str) -> nn.Module:
     """The frozen teacher of cfg.stage.teacher (fp32, eval, no grad)."""
-    return load_frozen(cfg.stage.teacher, build_dit(cfg, device), {"dit": cfg.dit}, "teacher", stage, device, pose_stats)
+    return load_frozen(cfg.stage.teacher, WorldDiT(cfg.dit), {"dit": cfg.dit}, "teacher", stage, device, pose_stats)
 
 
 def load_trainable(path: str, field: str, cfg: RunConfig, device: torch.device,
                    pose_stats: dict[str, Any] | None, stage: str) -> nn.Module:
     """A trainable fp32 WorldDiT initialised from `path` (cfg.stage.<field>)."""
-    from worldmodel.training.registry import require_checkpoint
-
-    model = build_dit(cfg, device)
+    model = WorldDiT(cfg.dit)
     load_into(require_checkpoint(path, field, stage), model, {"dit": cfg.dit}, pose_stats)
     return model.to(device).train()
 
@@ -115,16 +110,14 @@ def make_batcher(cfg: RunConfig, device: torch.device, pose_stats: dict[str, Any
     checkpoints; a stage built from given modules (tests) may go without and take latent batches."""
     if not cfg.stage.autoencoder and not required:
         return None
-    from worldmodel.models.autoencoder import Autoencoder
-    from worldmodel.training.teacher import check_latent_shape
-
     check_latent_shape(cfg)
     ae = load_frozen(cfg.stage.autoencoder, Autoencoder(cfg.autoencoder), {"autoencoder": cfg.autoencoder},
                      "autoencoder", stage, device)
     return LatentBatcher(ae, check_pose_stats(pose_stats, f"stage {stage}"), device, bf16=cfg.stage.bf16)
 
 
-def latent_batch(batch: dict[str, Tensor], batcher: LatentBatcher | None, device: torch.device) -> tuple[Tensor, Tensor]:
+def latent_batch(batch: dict[str, Tensor], batcher: LatentBatcher | None,
+                 device: torch.device) -> tuple[Tensor, Tensor]:
     """(x0 (B,T,C,h,w), pose (B,T,5) normalised) from a latent batch or, through the batcher, a raw one."""
     if "x0" in batch:
         return batch["x0"].to(device).float(), batch["pose"].to(device).float()

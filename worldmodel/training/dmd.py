@@ -115,13 +115,17 @@ class DMDStage(Stage):
         self.device = device = torch.device(device)
         from_checkpoints = student is None  # else modules are given (tests): latent batches, no encoder
         st, fl, opt, gen = cfg.stage, cfg.flow, cfg.optim, cfg.generator
+        if st.block_size != gen.block_size:
+            raise ValueError(f"dmd: stage.block_size={st.block_size} != generator.block_size={gen.block_size}; "
+                             "the self-rollout must generate the blocks inference will: set both the same")
         self.teacher = teacher if teacher is not None else load_teacher(cfg, device, pose_stats, self.name)
         self.teacher.eval().requires_grad_(False)
         if critic is None:  # initialised from the teacher (a copy: the teacher itself stays frozen)
             critic = copy.deepcopy(self.teacher)
         if student is None:
             student = load_trainable(st.init, "init", cfg, device, pose_stats, self.name)
-        self.online, self.critic = student.to(device).train().requires_grad_(True), critic.to(device).train().requires_grad_(True)
+        self.online = student.to(device).train().requires_grad_(True)
+        self.critic = critic.to(device).train().requires_grad_(True)
         self.ema = EMA(self.online, opt.ema_decay, opt.ema_start)
         self.optimizers = {
             "generator": make_optimizer(self.online.parameters(), opt.lr, opt.betas, opt.weight_decay),

@@ -22,6 +22,7 @@ from worldmodel.diffusion.flow import add_noise, x0_from_v
 from worldmodel.models.attention import KVCache
 
 Tensor = torch.Tensor
+NoiseFn = Callable[[tuple[int, ...]], Tensor]  # shape -> standard normal noise (a seeded generator in tests)
 
 
 def _cached_x0(model: nn.Module, x: Tensor, sigma: float, pose: Tensor, cache: KVCache, write: bool) -> Tensor:
@@ -32,7 +33,8 @@ def _cached_x0(model: nn.Module, x: Tensor, sigma: float, pose: Tensor, cache: K
 
 
 @torch.no_grad()
-def write_clean(model: nn.Module, x: Tensor, pose: Tensor, cache: KVCache, *, context_sigma: float) -> None:
+def write_clean(model: nn.Module, x: Tensor, pose: Tensor, cache: KVCache, *, context_sigma: float,
+                noise_fn: NoiseFn | None = None) -> None:
     """Write clean frames x (B,Tb,...) into the cache at the context noise level (always detached).
 
     At context_sigma > 0 the frames are noised to that level first, so what the network reads as
@@ -40,16 +42,16 @@ def write_clean(model: nn.Module, x: Tensor, pose: Tensor, cache: KVCache, *, co
     """
     x = x.detach()
     if context_sigma > 0:
-        x = add_noise(x, torch.randn_like(x), context_sigma)
+        x = add_noise(x, noise_fn(tuple(x.shape)) if noise_fn else torch.randn_like(x), context_sigma)
     _cached_x0(model, x, context_sigma, pose, cache, True)
 
 
 def write_context(model: nn.Module, x_ctx: Tensor, pose_ctx: Tensor, cache: KVCache, *, block_size: int,
-                  context_sigma: float) -> None:
+                  context_sigma: float, noise_fn: NoiseFn | None = None) -> None:
     """Ground-truth context x_ctx (B,T0,...) into the cache block by block (block-causal, as trained)."""
     for a in range(0, x_ctx.shape[1], block_size):
         write_clean(model, x_ctx[:, a : a + block_size], pose_ctx[:, a : a + block_size], cache,
-                    context_sigma=context_sigma)
+                    context_sigma=context_sigma, noise_fn=noise_fn)
 
 
 def self_rollout(
@@ -64,7 +66,7 @@ def self_rollout(
     sink_frames: int,
     context_sigma: float = 0.0,
     grad: bool = True,
-    noise_fn: Callable[[tuple[int, ...]], Tensor] | None = None,
+    noise_fn: NoiseFn | None = None,
 ) -> Tensor:
     """Generate the frames after a ground-truth context, block by block, with the student's KV cache.
 
@@ -86,7 +88,8 @@ def self_rollout(
         raise ValueError(f"self_rollout: exit_step {exit_step} outside the {len(sigmas)}-step list {sigmas}")
     noise_fn = noise_fn or (lambda shape: torch.randn(shape, device=x_ctx.device))
     cache = model.new_cache(B, cache_frames, sink_frames, x_ctx.device, torch.float32)
-    write_context(model, x_ctx, pose[:, :T0], cache, block_size=block_size, context_sigma=context_sigma)
+    write_context(model, x_ctx, pose[:, :T0], cache, block_size=block_size, context_sigma=context_sigma,
+                  noise_fn=noise_fn)
     blocks = []
     for a in range(T0, T, block_size):
         pose_blk = pose[:, a : a + block_size]
@@ -98,5 +101,5 @@ def self_rollout(
             if k < last:
                 x = add_noise(x0.detach(), noise_fn(x.shape), sigmas[k + 1])
         blocks.append(x0)
-        write_clean(model, x0, pose_blk, cache, context_sigma=context_sigma)
+        write_clean(model, x0, pose_blk, cache, context_sigma=context_sigma, noise_fn=noise_fn)
     return torch.cat(blocks, dim=1)
