@@ -20,7 +20,8 @@ median speed per frame of the source (e.g. from the data manifest's pose_stats, 
 speed) to get map units. Yaw and pitch are in degrees and need no scale.
 
 Confidence in [0, 1]: inlier fraction times min(1, inliers / 40); 0 where tracking failed, in which case
-the yaw comes from the coarse search alone (best rotation warp of the whole image), confidence 0.05.
+the yaw comes from the coarse search alone (best rotation warp of the whole image, kept only if it
+explains the change clearly), confidence <= 0.05.
 """
 
 from __future__ import annotations
@@ -47,9 +48,10 @@ def _yaw_rotation(deg: float) -> np.ndarray:
     return np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]])
 
 
-def coarse_yaw(g0: np.ndarray, g1: np.ndarray, K: np.ndarray, max_deg: float = 40.0) -> float:
-    """Yaw (deg) whose rotation warp of g0 best matches g1, by search on half-size images.
-    LK alone loses track beyond ~15 deg/frame at 128 px width; this gives it a start."""
+def coarse_yaw(g0: np.ndarray, g1: np.ndarray, K: np.ndarray, max_deg: float = 40.0) -> tuple[float, float]:
+    """(yaw deg, gain): the yaw whose rotation warp of g0 best matches g1, searched on half-size
+    images, and how much it lowers the photometric error against no rotation (0..1). LK alone loses
+    track beyond ~15 deg/frame at 128 px width; this gives it a start."""
     s = 0.5
     a = cv2.resize(g0, None, fx=s, fy=s, interpolation=cv2.INTER_AREA).astype(np.float32)
     b = cv2.resize(g1, None, fx=s, fy=s, interpolation=cv2.INTER_AREA).astype(np.float32)
@@ -68,7 +70,11 @@ def coarse_yaw(g0: np.ndarray, g1: np.ndarray, K: np.ndarray, max_deg: float = 4
     grid = np.arange(-max_deg, max_deg + 1e-6, 2.0)
     best = grid[int(np.argmin([cost(d) for d in grid]))]
     fine = np.arange(best - 1.5, best + 1.5 + 1e-6, 0.5)  # LK refines the rest
-    return float(fine[int(np.argmin([cost(d) for d in fine]))])
+    costs = [cost(d) for d in fine]
+    k = int(np.argmin(costs))
+    c0 = cost(0.0)
+    gain = 1.0 - costs[k] / c0 if np.isfinite(c0) and c0 > 0 else 0.0
+    return float(fine[k]), float(gain)
 
 
 def track(g0: np.ndarray, g1: np.ndarray, K: np.ndarray | None = None, init_yaw: float = 0.0,
@@ -136,13 +142,15 @@ def rotation_angles(R: np.ndarray) -> tuple[float, float]:
     return float(dyaw), float(dpitch)
 
 
-def estimate_pair(f0: np.ndarray, f1: np.ndarray, K: np.ndarray, rng, parallax_px: float = 1.0):
+def estimate_pair(f0: np.ndarray, f1: np.ndarray, K: np.ndarray, rng, parallax_px: float = 0.8):
     """Two RGB frames -> (delta (5,), confidence). Translation is a unit direction or 0."""
     g0, g1 = _gray(f0), _gray(f1)
-    yaw0 = coarse_yaw(g0, g1, K)
+    yaw0, gain = coarse_yaw(g0, g1, K)
     p0, p1 = track(g0, g1, K, yaw0)
     if len(p0) < MIN_POINTS:
-        return np.array([0, 0, 0, yaw0, 0.0]), 0.05
+        # No tracks (a bare wall, or fast motion towards one): trust the whole-image search only if
+        # a rotation clearly explains the change; a flat cost curve means the motion was not a turn.
+        return np.array([0, 0, 0, yaw0 if gain > 0.3 else 0.0, 0.0]), 0.05 * gain
     R, res, inl = fit_rotation(p0, p1, K, rng)
     delta = np.zeros(5)
     if np.median(res) < parallax_px:
@@ -205,7 +213,7 @@ def refine_no_roll(R0: np.ndarray, t0: np.ndarray, p0: np.ndarray, p1: np.ndarra
 
 
 def estimate_deltas(frames: np.ndarray, fov_deg: float, speed: float = 1.0, seed: int = 0, progress: bool = False,
-                    parallax_px: float = 1.0):
+                    parallax_px: float = 0.8):
     """frames uint8 (N,H,W,3) RGB -> (deltas float32 (N,5), confidence float32 (N,)).
     Translation = unit direction x `speed` on frames with parallax, else 0 (see module doc)."""
     frames = np.asarray(frames)

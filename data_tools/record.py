@@ -3,8 +3,8 @@
     python -m data_tools.record --out data/doom --episodes 64 --frames-per-episode 1000 --workers 2 --seed 0
 
 Engine setup: Freedoom 2 (shipped in the vizdoom wheel), HUD, weapon, crosshair, messages and
-screen flashes off, view bob off (`+movebob 0`), no monsters by default, hidden window, RGB24, rendered at --render-resolution
-and resized with cv2.INTER_AREA to --height x --width. One engine process per worker (spawn);
+screen flashes off, view bob off (`+movebob 0`), no monsters by default, hidden window, RGB24,
+rendered at --render-resolution and resized with cv2.INTER_AREA to --height x --width. One engine process per worker (spawn);
 episode k has its own seed f(--seed, k), held-out episodes draw seeds from a disjoint range, so the
 same --seed gives identical frames and poses whatever --workers is.
 
@@ -148,6 +148,8 @@ def run_episode(game, s: RecordSettings, seed: int, frames: int, actions=None, p
         if progress is not None and i % 64 == 63:
             with progress.get_lock():
                 progress.value += 64
+    if not out_f:
+        raise RuntimeError(f"episode with seed {seed} ended before its first frame (player dead at spawn?)")
     return np.stack(out_f), np.stack(out_p), np.stack(out_a).astype(np.float32)
 
 

@@ -102,8 +102,11 @@ def verify_episode_file(data_dir: str | Path, entry: dict) -> Path:
 
 
 def load_episode(data_dir: str | Path, entry: dict, manifest: dict | None = None, verify: bool = True) -> dict:
-    """Load and validate one episode -> {"frames", "poses", "actions"} numpy arrays."""
+    """Load and validate one episode -> {"frames", "poses", "actions"} numpy arrays.
+    The frame size is checked against `manifest` (read from data_dir when not given)."""
     path = verify_episode_file(data_dir, entry) if verify else Path(data_dir) / entry["file"]
+    if manifest is None and (Path(data_dir) / MANIFEST).is_file():
+        manifest = read_manifest(data_dir)
     try:
         with np.load(path) as z:
             arrays = {k: z[k] for k in ("frames", "poses", "actions")}
@@ -139,6 +142,8 @@ class ClipDataset(Dataset):
     "episode": int (index in the manifest's episode list), "start": int}. Clips never cross an
     episode boundary. All files of the split are checksummed at construction so a corrupt shard
     fails at start, not hours into training; each episode is then loaded on first use and kept.
+    With DataLoader workers, call `preload()` first: forked workers then share the arrays
+    copy-on-write instead of each loading its own copy.
     """
 
     def __init__(self, data_dir: str | Path, clip_frames: int, split: str = "train", stride: int = 1,

@@ -105,9 +105,11 @@ def test_rollout_grad_only_through_exit_step(exit_step):
     assert all(p.grad is not None for n, p in model.named_parameters() if n not in unused)
 
 
-def test_rollout_matches_the_inference_generator():
+@pytest.mark.parametrize("context_sigma", [0.0, 0.05])
+def test_rollout_matches_the_inference_generator(context_sigma):
     """With the same noise, the training rollout (exit = last step, no grad) IS streaming inference."""
-    cfg = tiny("generator.steps=2", "generator.first_frame_steps=2", "flow.shift=3.0")
+    cfg = tiny("generator.steps=2", "generator.first_frame_steps=2", "flow.shift=3.0",
+               f"flow.context_noise_inference={context_sigma}")
     model = random_dit(cfg, seed=1)
     b = latent_batch(cfg, 2, seed=3)
     stats = {"mean": [0.0] * 5, "std": [1.0] * 5}
@@ -117,7 +119,7 @@ def test_rollout_matches_the_inference_generator():
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
         out = self_rollout(model, b["x0"][:, :2], b["pose"], sigmas=step_sigmas(2, 3.0), exit_step=None,
-                           block_size=1, cache_frames=6, sink_frames=1, grad=False,
+                           block_size=1, cache_frames=6, sink_frames=1, grad=False, context_sigma=context_sigma,
                            noise_fn=lambda shape: torch.randn(shape, generator=g))
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 

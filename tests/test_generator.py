@@ -18,6 +18,16 @@ FH, FW, C = 32, 48, 4  # frames 32x48 -> latents 4x4x6
 STATS = {"mean": [1.0, 0.0, 0.0, 0.5, 0.0], "std": [2.0, 1.0, 1.0, 3.0, 1.0]}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors: intra-op threads only add synchronisation, and on a shared 2-core machine a second
+    # thread that has to wait for a busy core makes every op ~30x slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make_nets(depth: int = 2):
     torch.manual_seed(0)
     dit = WorldDiT(dit_config("tiny", depth=depth, latent_channels=C, latent_height=FH // 8, latent_width=FW // 8))
@@ -107,7 +117,7 @@ def _rss_mb() -> float:
 
 
 def _live_tensors() -> int:
-    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+    return sum(1 for o in gc.get_objects() if type(o) in (torch.Tensor, torch.nn.Parameter))
 
 
 def test_long_rollout_memory_is_flat_and_finite():
