@@ -105,3 +105,16 @@ def test_ar_diffusion_needs_init(data, ae_ckpt):
         build_stage("ar_diffusion", tiny_config(f"stage.autoencoder={ae_ckpt}"), "cpu", data[1])
     with pytest.raises(CheckpointError, match="stage.autoencoder"):
         build_stage("teacher", tiny_config(), "cpu", data[1])
+
+
+def test_latent_cache_equals_encoding(data, ae_ckpt):
+    d, stats = data
+    cfg = tiny_config()
+    ae = build_stage("teacher", tiny_config(f"stage.autoencoder={ae_ckpt}"), "cpu", stats).batcher.autoencoder
+    plain, cached = (LatentBatcher(ae, stats, "cpu", cache=c) for c in (False, True))
+    ds = ClipDataset(d, cfg.data.clip_frames)
+    for rows in ([0, 1, 2, 30], [1, 2, 3, 31], [5, 0, 40, 2]):  # overlapping clips: partly cached
+        b = {k: (torch.stack([ds[i][k] for i in rows]) if k in ("frames", "deltas") else torch.tensor([ds[i][k] for i in rows]))
+             for k in ("frames", "deltas", "episode", "start")}
+        torch.testing.assert_close(cached(b)["x0"], plain(b)["x0"], atol=1e-5, rtol=1e-5)
+    assert len(cached.cache.rows) < 3 * 4 * cfg.data.clip_frames  # overlapping frames encoded once

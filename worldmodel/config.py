@@ -164,6 +164,8 @@ class StageConfig:
     sigma_per_frame: float = 0.5
     """Teacher: probability that a clip draws one noise level per frame instead of one for the clip
     (per-frame levels let the bidirectional teacher denoise a frame beside clean context frames)."""
+    cache_latents: bool = True
+    """Latent stages: keep each frame's latent on the device after its first encoding (frozen encoder)."""
     ae_edge_weight: float = 0.0
     """Autoencoder: weight of an L1 loss on image gradients (sharper edges); 0 disables it."""
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
     rank, _ = dist_info()
     seed_everything(cfg.seed + rank)  # network initialisation is part of the run's seed
     dataset = ClipDataset(args.data, cfg.data.clip_frames, split="train")
+    if args.stage == "causal_ode" and not cfg.stage.ode_pairs_dir:  # its stored trajectories live in the run
+        cfg.stage.ode_pairs_dir = os.path.join(args.out, "ode_pairs")
     stage = build_stage(args.stage, cfg, args.device, manifest.get("pose_stats"))
     summary = train(stage, dataset, cfg, args.out, time_budget=args.time_budget, resume=args.resume,
                     device=args.device, max_steps=args.max_steps)

@@ -32,6 +32,9 @@ Attend = Callable[[Tensor, Tensor, Tensor], Tensor]
 # latent 16x12x16, patch 2 (printed by WorldDiT.num_params()).
 DIT_SIZES: dict[str, dict] = {
     "tiny": dict(dim=48, depth=2, heads=2),  # tests
+    "XXS": dict(dim=128, depth=4, heads=2),
+    "XXS6": dict(dim=128, depth=6, heads=2),
+    "XS4": dict(dim=192, depth=4, heads=3),
     "XS": dict(dim=192, depth=6, heads=3),
     "S": dict(dim=256, depth=8, heads=4),
     "M": dict(dim=384, depth=8, heads=6),  # the DiTConfig default

@@ -113,7 +113,8 @@ def make_batcher(cfg: RunConfig, device: torch.device, pose_stats: dict[str, Any
     check_latent_shape(cfg)
     ae = load_frozen(cfg.stage.autoencoder, Autoencoder(cfg.autoencoder), {"autoencoder": cfg.autoencoder},
                      "autoencoder", stage, device)
-    return LatentBatcher(ae, check_pose_stats(pose_stats, f"stage {stage}"), device, bf16=cfg.stage.bf16)
+    return LatentBatcher(ae, check_pose_stats(pose_stats, f"stage {stage}"), device, bf16=cfg.stage.bf16,
+                         cache=cfg.stage.cache_latents)
 
 
 def latent_batch(batch: dict[str, Tensor], batcher: LatentBatcher | None,
