@@ -173,3 +173,20 @@ def test_bad_inputs_raise_clear_errors():
         gen.step_block(np.zeros((2, 2, 5), np.float32))
     with pytest.raises(ValueError, match="pose_stats"):
         StreamingGenerator(dit, ae, {"mean": [0] * 4, "std": [1] * 4}, GeneratorConfig(), FlowConfig())
+
+
+def test_autoencoder_shapes_and_latent_scale_round_trip():
+    _, ae = make_nets()
+    x = torch.rand(3, 3, FH, FW) * 2 - 1
+    with torch.no_grad():
+        z = ae.encode(x)
+        rec = ae.decode(z)
+        assert z.shape == (3, C, FH // 8, FW // 8) and rec.shape == x.shape
+        ae.set_latent_scale(4.0)
+        torch.testing.assert_close(ae.encode(x), z / 4)  # encode scales to unit variance ...
+        torch.testing.assert_close(ae.decode(ae.encode(x)), rec, atol=1e-5, rtol=1e-5)  # ... decode undoes it
+    assert "latent_scale" in ae.state_dict()
+    with pytest.raises(ValueError, match="multiples of 8"):
+        ae.encode(torch.zeros(1, 3, 30, 48))
+    with pytest.raises(ValueError, match="positive"):
+        ae.set_latent_scale(0.0)

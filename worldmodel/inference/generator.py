@@ -22,12 +22,13 @@ Tensor = torch.Tensor
 
 
 def _on(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """The module in eval mode on (device, dtype); a copy when it must move, so that a caller's training
-    model (or its fp32 EMA) is never cast in place."""
+    """The module on (device, dtype); an eval-mode copy when it must move, so that a caller's training
+    model (or its fp32 EMA) is never cast in place. An uncopied module keeps its train/eval flag (the DiT
+    has no dropout or batch statistics, so the flag changes nothing)."""
     p = next(module.parameters())
     if p.device != device or p.dtype != dtype:
-        module = copy.deepcopy(module).to(device=device, dtype=dtype)
-    return module.eval()
+        module = copy.deepcopy(module).to(device=device, dtype=dtype).eval()
+    return module
 
 
 class StreamingGenerator:
@@ -49,7 +50,11 @@ class StreamingGenerator:
     ) -> None:
         self.device, self.dtype = torch.device(device), dtype
         self.dit = _on(dit, self.device, dtype)
-        self.autoencoder = None if autoencoder is None else _on(autoencoder, self.device, dtype)
+        self.autoencoder = None
+        if autoencoder is not None:
+            # channels_last: oneDNN's faster conv layout (decode -25..35% on a 2-core AVX2 CPU); on a copy,
+            # so that the caller's module keeps its layout.
+            self.autoencoder = copy.deepcopy(autoencoder).to(self.device, dtype, memory_format=torch.channels_last).eval()
         mean, std = pose_stats["mean"], pose_stats["std"]
         self.pose_mean = torch.as_tensor(np.asarray(mean, dtype=np.float32), device=self.device)
         self.pose_std = torch.as_tensor(np.asarray(std, dtype=np.float32), device=self.device)
@@ -109,7 +114,8 @@ class StreamingGenerator:
         if self.autoencoder is None:
             raise RuntimeError("StreamingGenerator has no autoencoder: call with decode=False")
         B, T = z.shape[:2]
-        return tensor_to_frames(self.autoencoder.decode(z.flatten(0, 1))).unflatten(0, (B, T))
+        z = z.flatten(0, 1).contiguous(memory_format=torch.channels_last)
+        return tensor_to_frames(self.autoencoder.decode(z)).unflatten(0, (B, T))
 
     # ----- public API -----
 

@@ -130,25 +130,30 @@ class KVCache:
         return list(range(min(n, s))) + list(range(recent_start, n))
 
     def _update_order(self) -> None:
-        # Token-level gather index (temporal order), rebuilt once per block rather than per layer.
-        slots = torch.tensor([self._slot(f) for f in self._visible_frames()], dtype=torch.long)
-        tok = torch.arange(self.tokens_per_frame, dtype=torch.long)
-        self._order = (slots[:, None] * self.tokens_per_frame + tok[None, :]).reshape(-1).to(self.device)
-        n = self.frames_visible
-        # When the buffer is filled in order (no wrap yet), the visible tokens are a plain prefix.
-        self._is_prefix = all(self._slot(f) == i for i, f in enumerate(self._visible_frames()))
-        self._prefix_tokens = n * self.tokens_per_frame
+        # Temporal order as contiguous slot ranges (at most 3: sinks, ring tail, ring head), rebuilt once per
+        # block: reading them is slicing (views), no gather.
+        ranges: list[list[int]] = []
+        for f in self._visible_frames():
+            slot = self._slot(f)
+            if ranges and ranges[-1][1] == slot:
+                ranges[-1][1] = slot + 1
+            else:
+                ranges.append([slot, slot + 1])
+        N = self.tokens_per_frame
+        self._ranges = [(a * N, b * N) for a, b in ranges]
+
+    def visible_parts(self, layer: int) -> tuple[list[Tensor], list[Tensor]]:
+        """The visible K (un-rotated) and V as views, pieces in temporal order: cat(pieces, dim=2)."""
+        k, v = self.k[layer], self.v[layer]
+        return [k[:, :, a:b] for a, b in self._ranges], [v[:, :, a:b] for a, b in self._ranges]
 
     def visible(self, layer: int) -> tuple[Tensor, Tensor, Tensor]:
         """K (un-rotated), V: (B, heads, n*N, hd) in temporal order; frame positions (n,) = 0..n-1."""
-        n = self.frames_visible
-        if self._is_prefix:
-            k = self.k[layer][:, :, : self._prefix_tokens]
-            v = self.v[layer][:, :, : self._prefix_tokens]
-        else:
-            k = self.k[layer].index_select(2, self._order)
-            v = self.v[layer].index_select(2, self._order)
-        return k, v, torch.arange(n, device=self.device)
+        ks, vs = self.visible_parts(layer)
+        empty = self.k[layer][:, :, :0]
+        k = torch.cat(ks, dim=2) if ks else empty
+        v = torch.cat(vs, dim=2) if vs else empty
+        return k, v, torch.arange(self.frames_visible, device=self.device)
 
     def append(self, layer: int, k: Tensor, v: Tensor) -> None:
         """Write one block's un-rotated k, v: (B, heads, Tb*N, hd), Tb <= ring_frames."""

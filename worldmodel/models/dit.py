@@ -28,17 +28,16 @@ Tensor = torch.Tensor
 # attend(q, k, v) with q, k (B, H, L, hd) qk-normed but not rotated -> (B, H, Lq, hd)
 Attend = Callable[[Tensor, Tensor, Tensor], Tensor]
 
-# Name -> DiTConfig fields. head_dim must be divisible by 4 (3-axis RoPE). Parameter counts are for
-# latent 16x12x16, patch 2 (printed by WorldDiT.num_params()).
+# Name -> DiTConfig fields (head_dim divisible by 4 for 3-axis RoPE). Parameters for latents 16x12x16,
+# patch 2 (48 tokens/frame); ms = StreamingGenerator frame (2 steps + cache write + decode with
+# decoder_base_channels=16), batch 1, fp32, 2-core AVX2 EPYC shared with other jobs, cache 16 frames.
 DIT_SIZES: dict[str, dict] = {
-    "tiny": dict(dim=48, depth=2, heads=2),  # tests
-    "XXS": dict(dim=128, depth=4, heads=2),
-    "XXS6": dict(dim=128, depth=6, heads=2),
-    "XS4": dict(dim=192, depth=4, heads=3),
-    "XS": dict(dim=192, depth=6, heads=3),
-    "S": dict(dim=256, depth=8, heads=4),
-    "M": dict(dim=384, depth=8, heads=6),  # the DiTConfig default
-    "L": dict(dim=512, depth=12, heads=8),
+    "tiny": dict(dim=48, depth=2, heads=2),  # 0.11M, tests only
+    "XXS": dict(dim=128, depth=4, heads=2),  # 1.3M, ~46 ms (~22 fps): the 2-core CPU size
+    "XS": dict(dim=192, depth=6, heads=3),  # 4.2M, ~71 ms
+    "S": dict(dim=256, depth=8, heads=4),  # 9.8M, ~130 ms
+    "M": dict(dim=384, depth=8, heads=6),  # 22M (the DiTConfig default), ~215 ms
+    "L": dict(dim=512, depth=12, heads=8),  # 58M, GPU
 }
 
 
@@ -205,7 +204,10 @@ class WorldDiT(nn.Module):
             )
         if pose.shape != (*x.shape[:2], cfg.pose_dim):
             raise ValueError(f"WorldDiT pose must be (B, T, {cfg.pose_dim}) = {(*x.shape[:2], cfg.pose_dim)}, got {tuple(pose.shape)}")
-        return torch.as_tensor(sigma, device=x.device, dtype=torch.float32).expand(x.shape[:2])
+        sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32)
+        if sigma.ndim == 1:  # one level per sample
+            sigma = sigma[:, None]
+        return sigma.expand(x.shape[:2])
 
     def forward_with(
         self, x: Tensor, sigma: Tensor, pose: Tensor, pose_keep: Tensor | None, make_attend: Callable[[int], Attend]
@@ -269,7 +271,7 @@ class WorldDiT(nn.Module):
         """[clean | noisy] in one sequence, same positions, teacher_forcing_mask -> v of the noisy half."""
         B, T = x_clean.shape[:2]
         dev = x_clean.device
-        sig = lambda s: torch.as_tensor(s, device=dev, dtype=torch.float32).expand(B, T)  # noqa: E731
+        sig = lambda s: self._check(x_clean, s, pose)  # noqa: E731  (float, (B,) or (B, T) -> (B, T))
         x = torch.cat([x_clean, x_noisy], dim=1)
         sigma = torch.cat([sig(sigma_clean), sig(sigma_noisy)], dim=1)
         pose2 = torch.cat([pose, pose], dim=1)
@@ -306,13 +308,13 @@ class WorldDiT(nn.Module):
         n = cache.frames_visible
         cos, sin = self.rope.table(n + Tb, self.patch_embed.weight.dtype, x.device)
         split = n * self.tokens_per_frame
-        cos_c, sin_c, cos_q, sin_q = cos[:split], sin[:split], cos[split:], sin[split:]
+        cos_q, sin_q = cos[split:], sin[split:]
 
         def make_attend(layer: int) -> Attend:
             def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-                kc, vc, _ = cache.visible(layer)
-                k_all = torch.cat([apply_rope(kc.to(k.dtype), cos_c, sin_c), apply_rope(k, cos_q, sin_q)], dim=2)
-                v_all = torch.cat([vc.to(v.dtype), v], dim=2)
+                ks, vs = cache.visible_parts(layer)  # views in temporal order: one cat, one rotation
+                k_all = apply_rope(torch.cat([t.to(k.dtype) for t in ks] + [k], dim=2), cos, sin)
+                v_all = torch.cat([t.to(v.dtype) for t in vs] + [v], dim=2)
                 out = attention(apply_rope(q, cos_q, sin_q), k_all, v_all)
                 if write:
                     cache.append(layer, k, v)
