@@ -1,6 +1,6 @@
 """Play the packaged world model in a window: every key press changes the very next generated frame.
 
-    python play.py                        # shipped weights, GPU when available else CPU (bf16)
+    python play.py                        # shipped weights, GPU when available else CPU
     python play.py --steps 1 --scale 6    # 1 denoising step, bigger window
     python play.py --record out.mp4       # also write out.mp4 (H.264) + out.json (seed, actions, poses, latency)
     python play.py --headless --frames 300 --actions acts.json --record demo.mp4   # scripted, no window
@@ -216,7 +216,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="world directory (default: the weights shipped in worldmodel/weights/)")
     p.add_argument("--steps", type=int, choices=(1, 2, 4), default=None, help="denoising steps per frame")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
+    p.add_argument("--dtype", default=None, choices=("bfloat16", "float32", "float16"),
+                   help="compute dtype (default: bf16 on GPUs and AMX/AVX512-BF16 CPUs, else float32)")
     p.add_argument("--seed", type=int, default=0, help="seeds the start context and the generator's noise")
     p.add_argument("--scale", type=int, default=4, help="window pixels per frame pixel")
     p.add_argument("--smooth", action="store_true", help="smooth (bilinear) upscaling instead of nearest")

@@ -68,7 +68,8 @@ class WorldModelEnv(gymnasium.Env):
     ## Arguments
 
     `world` (directory or `World`; default the shipped weights), `steps` (denoising steps 1, 2 or 4;
-    default the world's), `device` (default cuda if available else cpu), `dtype` (default bfloat16),
+    default the world's), `device` (default cuda if available else cpu), `dtype` (default
+    `worldmodel.inference.world.default_dtype(device)`: bf16 on GPUs and AMX/AVX512-BF16 CPUs, else fp32),
     `reward_fn` or `task` ("none", "explore") with `task_kwargs`, `render_mode` ("rgb_array", "human"),
     `action_type`, `pitch`, `max_episode_steps` (None: the TimeLimit wrapper of `gymnasium.make` ends episodes),
     `report_latency`.

@@ -47,6 +47,21 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """The compute dtype a generator on `device` should use when none is given.
+
+    bf16 on CUDA (when the GPU supports it) and on CPUs with bf16 matrix hardware (AMX tiles or
+    AVX512-BF16); fp32 elsewhere: on an AVX2-only CPU bf16 convolutions and matmuls are emulated and
+    much slower than fp32 (decode ~100x, benchmarks/RESULTS.md "## Speed").
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu" and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()):
+        return torch.bfloat16
+    return torch.float32
+
+
 @dataclass
 class World:
     path: Path
@@ -113,11 +128,12 @@ class World:
         dtype: torch.dtype | None = None,
     ) -> BatchedGenerator:
         """A StreamingGenerator (with per-world noise and reset_rows) for `batch_size` worlds; `steps`
-        overrides the shipped denoising steps; device default cuda if available, dtype default bf16."""
+        overrides the shipped denoising steps; device default cuda if available, dtype default
+        default_dtype(device) (bf16 where the hardware runs it fast, else fp32)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         device = torch.device(device) if device is not None else default_device()
-        dtype = dtype or torch.bfloat16
+        dtype = dtype or default_dtype(device)
         gen_cfg = self.config.generator
         if steps is not None:
             if steps not in (1, 2, 4):

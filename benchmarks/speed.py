@@ -1,0 +1,317 @@
+"""Speed of the shipped architecture: `python -m benchmarks.speed [--device cpu|cuda] [--dtype fp32|bf16]
+[--sizes config XXS XS S M] [--batches 1 8 64 256] [--frames N] [--out results.json]`.
+
+For each DiT size x decoder width x sampler x batch B it measures, with decoding to uint8 frames on the
+host always included:
+- first frame: reset() from `generator.context_frames` uint8 frames (encoder included) -> first frame on
+  the host;
+- steady step: one generator call that yields the next frame(s) of all B worlds, with the KV window full
+  (reset from cache_frames random latents, warmed up): median and p90 over --frames calls; frames/s =
+  B * frames per call / mean call time;
+- the analytic floor of that call (benchmarks.flops) under a peak FLOP/s and bandwidth (measured on the
+  spot with a large matmul and a large copy unless --peak-flops / --bandwidth are given).
+
+Samplers: frame-wise StreamingGenerator with 1, 2, 4 steps (frame-1, frame-2, frame-4), chunk-wise
+(block of 3 frames) with 4 steps (chunk3-4), and the many-step teacher as worldmodel.eval runs it
+(teacher: WindowedEulerGenerator, flow.grid_size Euler steps over a clip_frames window, no cache). All
+rows of one size use the same weights in the same run, so their ratios hold.
+
+Weights are random (speed does not depend on the values; the zero-initialised adaLN gates are filled
+so that every path carries non-trivial numbers). Other processes on the machine slow it down: the load
+average is recorded with every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import platform
+import sys
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from benchmarks.flops import Cost, decoder_params, dit_params, streaming_block, teacher_frame
+from worldmodel.config import RunConfig, load_config
+from worldmodel.diffusion.flow import sigma_grid
+from worldmodel.eval import WindowedEulerGenerator
+from worldmodel.inference.generator import StreamingGenerator
+from worldmodel.inference.world import default_dtype
+from worldmodel.models.autoencoder import Autoencoder
+from worldmodel.models.dit import DIT_SIZES, WorldDiT
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+# name -> (denoising steps, frames per block); None = the teacher.
+SAMPLERS: dict[str, tuple[int, int] | None] = {
+    "frame-1": (1, 1), "frame-2": (2, 1), "frame-4": (4, 1), "chunk3-4": (4, 3), "teacher": None,
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+POSE_STATS = {"mean": [0.0] * 5, "std": [1.0] * 5}
+NOTE = "random weights: speed does not depend on the weight values"
+
+
+# ----- machine -----
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(),
+                            "threads": torch.get_num_threads(), "cpu_cores": os.cpu_count()}
+    try:
+        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith("model name")]
+        info["cpu"] = names[0] if names else platform.processor()
+    except OSError:
+        info["cpu"] = platform.processor()
+    info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _best_time(fn, device: torch.device, reps: int) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+@torch.inference_mode()
+def measure_peak(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
+    """(FLOP/s of a large square matmul, bytes/s of a large copy) in `dtype`: the attainable roofline."""
+    n, elems = (8192, 1 << 28) if device.type == "cuda" else (1024, 1 << 25)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    src = torch.empty(elems, device=device, dtype=dtype).fill_(1.0)
+    dst = torch.empty_like(src)
+    flops = 2 * n**3 / _best_time(lambda: a @ a, device, 8)
+    bandwidth = 2 * src.numel() * src.element_size() / _best_time(lambda: dst.copy_(src), device, 8)  # read + write
+    return flops, bandwidth
+
+
+# ----- models -----
+
+def build(cfg: RunConfig, size: str, decoder_width: int | None, seed: int) -> tuple[RunConfig, WorldDiT, Autoencoder]:
+    """The run config with DiT `size` ("config" = as in the file) and decoder width, and random modules."""
+    dit_cfg = cfg.dit if size == "config" else dataclasses.replace(cfg.dit, **DIT_SIZES[size])
+    ae_cfg = cfg.autoencoder if decoder_width is None else dataclasses.replace(cfg.autoencoder, decoder_base_channels=decoder_width)
+    cfg = dataclasses.replace(cfg, dit=dit_cfg, autoencoder=ae_cfg)
+    torch.manual_seed(seed)
+    dit, ae = WorldDiT(dit_cfg).eval(), Autoencoder(ae_cfg).eval()
+    with torch.no_grad():
+        for p in dit.parameters():
+            if not p.any():  # adaLN-Zero gates and the output layer: give them values like a trained net's
+                p.normal_(0.0, 0.02)
+    return cfg, dit, ae
+
+
+# ----- measurements -----
+
+def _summary(times: list[float]) -> dict[str, float]:
+    return {"step_median_ms": 1e3 * statistics.median(times),
+            "step_p90_ms": 1e3 * float(np.percentile(times, 90)),
+            "step_mean_ms": 1e3 * statistics.fmean(times)}
+
+
+def _context(cfg: RunConfig, batch: int, frames: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    h, w = cfg.data.frame_height, cfg.data.frame_width
+    return rng.integers(0, 256, (batch, frames, h, w, 3), dtype=np.uint8), np.zeros((batch, frames, 5), np.float32)
+
+
+@torch.inference_mode()
+def bench_streaming(cfg: RunConfig, dit: WorldDiT, ae: Autoencoder, *, steps: int, block_size: int, batch: int,
+                    calls: int, device: torch.device, dtype: torch.dtype, seed: int) -> dict[str, float]:
+    gen_cfg = dataclasses.replace(cfg.generator, steps=steps, block_size=block_size)
+    gen = StreamingGenerator(dit, ae, POSE_STATS, gen_cfg, cfg.flow, device=device, dtype=dtype)
+    rng = np.random.default_rng(seed)
+    g = torch.Generator(device).manual_seed(seed)
+    delta = torch.zeros(batch, 5)
+    frames, deltas = _context(cfg, batch, gen_cfg.context_frames, rng)
+    _sync(device)
+    t = time.perf_counter()
+    gen.reset(frames, deltas, g)
+    gen.step(delta).cpu()
+    first = time.perf_counter() - t
+    # Steady state: the window full, as after the first cache_frames frames of any long rollout.
+    n = gen_cfg.cache_frames
+    z = torch.randn(batch, n, *gen.latent_shape, generator=torch.Generator().manual_seed(seed))
+    gen.reset(z, torch.zeros(batch, n, 5), g, latents=True)
+    times = []
+    for i in range(calls + 2):  # 2 warm-up calls: the first uses first_frame_steps
+        _sync(device)
+        t = time.perf_counter()
+        for _ in range(block_size):  # the product's API: one step() per displayed frame
+            gen.step(delta).cpu()
+        if i >= 2:
+            times.append(time.perf_counter() - t)
+    z1 = torch.randn(batch, 1, *gen.latent_shape, device=device, dtype=dtype)
+    decode = _best_time(lambda: gen.decode(z1).cpu(), device, 3)
+    return {"first_frame_ms": 1e3 * first, **_summary(times), "decode_ms": 1e3 * decode}
+
+
+@torch.no_grad()
+def bench_teacher(cfg: RunConfig, dit: WorldDiT, ae: Autoencoder, *, batch: int, calls: int, device: torch.device,
+                  dtype: torch.dtype, seed: int) -> dict[str, float]:
+    window = cfg.data.clip_frames
+    gen = WindowedEulerGenerator(copy.deepcopy(dit), copy.deepcopy(ae), POSE_STATS, mode="bidirectional",
+                                 window=window, sigmas=sigma_grid(cfg.flow.grid_size, cfg.flow.shift), device=device)
+    rng = np.random.default_rng(seed)
+    g = torch.Generator(device).manual_seed(seed)
+    delta = torch.zeros(batch, 5)
+    # worldmodel.eval runs it in fp32; other dtypes through autocast (its reset/decode cast to fp32).
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        frames, deltas = _context(cfg, batch, cfg.generator.context_frames, rng)
+        _sync(device)
+        t = time.perf_counter()
+        gen.reset(frames, deltas, g)
+        gen.step(delta).cpu()
+        first = time.perf_counter() - t
+        frames, deltas = _context(cfg, batch, window - 1, rng)  # steady: the window always full
+        gen.reset(frames, deltas, g)
+        times = []
+        for i in range(calls + 1):
+            _sync(device)
+            t = time.perf_counter()
+            gen.step(delta).cpu()
+            if i >= 1:
+                times.append(time.perf_counter() - t)
+    return {"first_frame_ms": 1e3 * first, **_summary(times)}
+
+
+def cost_of(cfg: RunConfig, sampler: str, batch: int, bytes_per_el: int) -> tuple[Cost, int]:
+    """Analytic cost of one steady call of `sampler` and the frames per world it yields."""
+    hw = dict(height=cfg.data.frame_height, width=cfg.data.frame_width, bytes_per_el=bytes_per_el, batch=batch)
+    spec = SAMPLERS[sampler]
+    if spec is None:
+        return teacher_frame(cfg.dit, cfg.autoencoder, euler_steps=cfg.flow.grid_size, window=cfg.data.clip_frames, **hw), 1
+    steps, block = spec
+    return streaming_block(cfg.dit, cfg.autoencoder, steps=steps, block_size=block,
+                           cache_frames=cfg.generator.cache_frames, **hw), block
+
+
+# ----- the run -----
+
+def run(cfg: RunConfig, *, device: torch.device, dtype: torch.dtype, sizes: list[str], decoder_widths: list[int | None],
+        samplers: list[str], batches: list[int], teacher_batches: list[int], frames: int, teacher_frames: int,
+        peak_flops: float | None = None, bandwidth: float | None = None, seed: int = 0) -> dict[str, Any]:
+    """Measure every combination; returns the report (rows + machine + roofline)."""
+    if peak_flops is None or bandwidth is None:
+        measured = measure_peak(device, dtype)
+        peak_flops = peak_flops or measured[0]
+        bandwidth = bandwidth or measured[1]
+    bpe = torch.empty((), dtype=dtype).element_size()
+    jobs = [(s, w, sm, b) for s in sizes for w in decoder_widths for sm in samplers
+            for b in (teacher_batches if SAMPLERS[sm] is None else batches)]
+    rows, built = [], {}
+    load_start = os.getloadavg()
+    for size, width, sampler, batch in tqdm(jobs, desc="speed", unit="row"):
+        if (size, width) not in built:
+            built = {(size, width): build(cfg, size, width, seed)}  # one pair of modules alive at a time
+        run_cfg, dit, ae = built[(size, width)]
+        spec = SAMPLERS[sampler]
+        if spec is None:
+            res = bench_teacher(run_cfg, dit, ae, batch=batch, calls=teacher_frames, device=device, dtype=dtype, seed=seed)
+        else:
+            steps, block = spec
+            calls = max(1, -(-frames // block))
+            res = bench_streaming(run_cfg, dit, ae, steps=steps, block_size=block, batch=batch, calls=calls,
+                                  device=device, dtype=dtype, seed=seed)
+        cost, per_call = cost_of(run_cfg, sampler, batch, bpe)
+        floor = cost.floor_s(peak_flops, bandwidth)
+        rows.append({
+            "dit": size, "dit_dim": run_cfg.dit.dim, "dit_depth": run_cfg.dit.depth,
+            "dit_params_m": dit_params(run_cfg.dit) / 1e6,
+            "decoder_width": run_cfg.autoencoder.decoder_base_channels,
+            "decoder_params_m": decoder_params(run_cfg.autoencoder) / 1e6,
+            "sampler": sampler, "batch": batch, "frames_per_call": per_call, **res,
+            "fps": batch * per_call / (res["step_mean_ms"] / 1e3),
+            "gflop_per_frame": cost.flops / (batch * per_call) / 1e9, "mb_per_call": cost.bytes / 1e6,
+            "floor_ms": 1e3 * floor, "x_floor": res["step_median_ms"] / (1e3 * floor),
+            "load_avg_1min": os.getloadavg()[0],
+        })
+    return {"note": NOTE, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+            "machine": machine_info(device), "peak_flops": peak_flops, "bandwidth": bandwidth,
+            "load_avg_start": load_start, "load_avg_end": os.getloadavg(), "rows": rows,
+            "config": {"generator": dataclasses.asdict(cfg.generator), "frame": [cfg.data.frame_height, cfg.data.frame_width],
+                       "teacher_euler_steps": cfg.flow.grid_size, "teacher_window": cfg.data.clip_frames}}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    where = m.get("gpu") or f"{m['cpu']} ({m['cpu_capability']}), {m['threads']} threads"
+    load = ", ".join(f"{x:.2f}" for x in report["load_avg_start"])
+    lines = [f"Device {report['device']} ({where}), {report['dtype']}, torch {m['torch']}; {report['note']}.",
+             f"Roofline: {report['peak_flops'] / 1e9:.0f} GFLOP/s, {report['bandwidth'] / 1e9:.1f} GB/s; "
+             f"load average at start {load}.", "",
+             "| DiT (M params) | decoder width | sampler | B | first frame ms | step ms median | p90 | frames/s | "
+             "GFLOP/frame | floor ms | x floor | decode ms | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        sampler = r["sampler"] + (f" ({r['frames_per_call']} fr/step)" if r["frames_per_call"] > 1 else "")
+        decode = f"{r['decode_ms']:.1f}" if "decode_ms" in r else "-"
+        lines.append(f"| {r['dit']} ({r['dit_params_m']:.1f}) | {r['decoder_width']} | {sampler} | {r['batch']} | "
+                     f"{r['first_frame_ms']:.0f} | {r['step_median_ms']:.1f} | {r['step_p90_ms']:.1f} | {r['fps']:.1f} | "
+                     f"{r['gflop_per_frame']:.2f} | {r['floor_ms']:.2f} | {r['x_floor']:.1f} | {decode} | "
+                     f"{r['load_avg_1min']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n")[0],
+                                epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="run config (YAML) whose architecture is measured")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="default: worldmodel.inference.world.default_dtype(device) (fp32 on AVX2-only CPUs)")
+    p.add_argument("--sizes", nargs="+", default=["config"], choices=["config", *DIT_SIZES],
+                   help="DiT sizes (worldmodel.models.dit.DIT_SIZES); 'config' = the config's dit section")
+    p.add_argument("--decoder-widths", type=int, nargs="+", default=None,
+                   help="autoencoder.decoder_base_channels values (default: the config's)")
+    p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
+    p.add_argument("--batches", type=int, nargs="+", default=None, help="default: 1 8 64 256 on CUDA, 1 8 on CPU")
+    p.add_argument("--teacher-batches", type=int, nargs="+", default=None,
+                   help="batches for the teacher (default: --batches on CUDA, 1 on CPU: ~100x a student frame)")
+    p.add_argument("--frames", type=int, default=20, help="steady-state generator calls measured per row")
+    p.add_argument("--teacher-frames", type=int, default=3, help="steady-state teacher frames measured per row")
+    p.add_argument("--peak-flops", type=float, default=None, help="FLOP/s for the floor (default: measured matmul)")
+    p.add_argument("--bandwidth", type=float, default=None, help="bytes/s for the floor (default: measured copy)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="results.json", help="JSON report; the markdown table is written beside it (.md)")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    dtype = DTYPES[a.dtype] if a.dtype else default_dtype(device)
+    batches = a.batches or ([1, 8, 64, 256] if device.type == "cuda" else [1, 8])
+    teacher_batches = a.teacher_batches or (batches if device.type == "cuda" else [1])
+    report = run(load_config(a.config), device=device, dtype=dtype, sizes=a.sizes,
+                 decoder_widths=a.decoder_widths or [None], samplers=a.samplers, batches=batches,
+                 teacher_batches=teacher_batches, frames=a.frames, teacher_frames=a.teacher_frames,
+                 peak_flops=a.peak_flops, bandwidth=a.bandwidth, seed=a.seed)
+    report["command"] = "python -m benchmarks.speed " + " ".join(argv if argv is not None else sys.argv[1:])
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    table = markdown(report)
+    out.with_suffix(".md").write_text(table)
+    print(table)
+    return report
+
+
+if __name__ == "__main__":
+    main()
