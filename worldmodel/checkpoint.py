@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +30,8 @@ class CheckpointError(RuntimeError):
 
 def _atomic_write(path: Path, write_fn) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    # A plain open() (not mkstemp, which makes 0600 files) so checkpoints get the umask's permissions.
+    tmp = str(path.with_name(f".{path.name}.{os.getpid()}.tmp"))
     try:
         write_fn(tmp)
         os.replace(tmp, path)

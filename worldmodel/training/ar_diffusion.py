@@ -13,6 +13,7 @@ import torch
 
 from worldmodel.diffusion.flow import add_noise, sample_train_sigma
 from worldmodel.models.dit import WorldDiT
+from worldmodel.training.distributed import SINGLE, BatchShard
 from worldmodel.training.teacher import DiTStage, draw_pose_keep, flow_loss
 
 Tensor = torch.Tensor
@@ -25,10 +26,13 @@ def block_sigma(batch: int, frames: int, block_size: int, shift: float, device: 
     return per_block.repeat_interleave(block_size, dim=1)[:, :frames]
 
 
-def context_noise(x0: Tensor, max_sigma: float) -> tuple[Tensor, Tensor]:
-    """x0 (B,T,C,h,w) -> (x_clean noised per frame with sigma_c ~ U[0, max_sigma], sigma_c (B,T))."""
-    sigma_c = torch.rand(x0.shape[:2], device=x0.device) * max_sigma
-    return add_noise(x0, torch.randn_like(x0), sigma_c), sigma_c
+def context_noise(x0: Tensor, max_sigma: float, shard: BatchShard = SINGLE) -> tuple[Tensor, Tensor]:
+    """x0 (B,T,C,h,w) -> (x_clean noised per frame with sigma_c ~ U[0, max_sigma], sigma_c (B,T)).
+
+    Under torchrun x0 is this rank's rows of the global batch; `shard` draws the noise for the global
+    batch and keeps the same rows."""
+    sigma_c = shard.rand(tuple(x0.shape[:2]), x0.device) * max_sigma
+    return add_noise(x0, shard.randn_like(x0), sigma_c), sigma_c
 
 
 def teacher_forcing_loss(model: WorldDiT, x0: Tensor, pose: Tensor, *, sigma_noisy: Tensor, eps: Tensor,
@@ -47,9 +51,10 @@ class ARDiffusionStage(DiTStage):
 
     def loss(self, x0: Tensor, pose: Tensor) -> Tensor:
         B, T = x0.shape[:2]
-        x_clean, sigma_clean = context_noise(x0, self.flow.context_noise_max)
-        sigma = block_sigma(B, T, self.block_size, self.flow.shift, x0.device)
-        keep = draw_pose_keep(B, T, self.flow.pose_dropout, x0.device)
-        return teacher_forcing_loss(self.online, x0, pose, sigma_noisy=sigma, eps=torch.randn_like(x0),
+        # Every draw is for the global batch, this rank's rows kept (distributed.BatchShard).
+        x_clean, sigma_clean = context_noise(x0, self.flow.context_noise_max, self.shard)
+        sigma = self.shard.draw(lambda n: block_sigma(n, T, self.block_size, self.flow.shift, x0.device), B)
+        keep = self.shard.draw(lambda n: draw_pose_keep(n, T, self.flow.pose_dropout, x0.device), B)
+        return teacher_forcing_loss(self.online, x0, pose, sigma_noisy=sigma, eps=self.shard.randn_like(x0),
                                     x_clean=x_clean, sigma_clean=sigma_clean, block_size=self.block_size,
                                     pose_keep=keep)

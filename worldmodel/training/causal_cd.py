@@ -102,9 +102,10 @@ class CausalCDStage(Stage):
     def step(self, batch: dict[str, Tensor], step: int) -> dict[str, float]:
         with self.clock:
             x0, pose = latent_batch(batch, self.batcher, self.device)
-            x_clean, sigma_clean = context_noise(x0, self.context_noise_max)
-            t_hi, t_lo = draw_pairs(self.grid, x0.shape[0])
-            eps = torch.randn_like(x0)
+            # Every draw is for the global batch, this rank's rows kept (distributed.BatchShard).
+            x_clean, sigma_clean = context_noise(x0, self.context_noise_max, self.shard)
+            t_hi, t_lo = self.shard.draw(lambda n: draw_pairs(self.grid, n), x0.shape[0])
+            eps = self.shard.randn_like(x0)
             student_x0, teacher_v, ema_x0 = self.closures(x_clean, sigma_clean, pose)
             loss, _ = causal_cd_loss(student_x0, teacher_v, ema_x0, x0, eps, t_hi, t_lo)
             gnorm = optimizer_step(loss, self.online, self.optimizers["student"], self.grad_clip)

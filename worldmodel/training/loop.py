@@ -10,17 +10,20 @@ Files in `out_dir`:
     <stage>.safetensors/.json the exported modules (bf16) + provenance, what the next stage loads
     metrics.jsonl             one line per log interval
 
-Distributed (`torchrun`): rank and world size come from the environment, the sampler is sharded by
-rank and only rank 0 writes files. Gradient averaging is the stage's business (wrap its online
-module in DDP); everything here already works per rank.
+Distributed (`torchrun`, `distributed.py`): the loop joins the process group (nccl on CUDA, gloo on
+CPU), wraps the stage's trainable modules in DDP (`Stage.wrap_ddp`: gradients averaged, EMA identical on
+every rank), gives each rank `data.batch_size / world` clips of every global batch (the sampler is
+sharded, no clip duplicated or dropped), averages the logged metrics over ranks, and only rank 0 writes
+files (between barriers). `data.batch_size` is the GLOBAL batch, so the same command trains the same
+model on any number of GPUs, and a run resumes on a different number of GPUs.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
-import os
 import random
 import resource
 import time
@@ -35,18 +38,15 @@ from tqdm import tqdm
 from data_tools.shards import ResumableSampler
 from worldmodel.checkpoint import CheckpointError, load_training_state, save_training_state, save_weights
 from worldmodel.config import RunConfig, diff_configs
+from worldmodel.training import distributed
 from worldmodel.training.batches import autocast, to_device
+from worldmodel.training.distributed import BatchShard, dist_info  # noqa: F401  (dist_info: public here too)
 from worldmodel.training.stage import Stage
 
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.jsonl"
 # Sections of the resolved config that must not change across a resume (steps, budget, lr may).
 RESUME_SECTIONS = ("data", "autoencoder", "dit")
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world_size) from torchrun's environment; (0, 1) for a plain run."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -70,18 +70,26 @@ def set_lr(optimizers: dict[str, torch.optim.Optimizer], factor: float) -> float
     return first or 0.0
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The RNG streams to resume. Every rank holds the same streams (distributed.py), so rank 0's state,
+    with the CUDA state of the device it trains on, is every rank's, on any world size."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    device = torch.device(device)
+    if device.type == "cuda":
+        state["cuda_device"] = torch.cuda.get_rng_state(device)
+    elif torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | str = "cpu") -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    device = torch.device(device)
+    if "cuda_device" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_device"].cpu(), device)  # rank 0's GPU stream onto this rank's GPU
+    elif "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
@@ -108,16 +116,26 @@ def peak_memory(device: torch.device) -> int:
 
 def batch_stream(loader: DataLoader, sampler: ResumableSampler, start_step: int, batches_per_epoch: int,
                  batch_size: int):
-    """Endless batches, starting exactly at the batch `start_step` of the seeded epoch sequence.
+    """Endless batches of this rank, starting exactly at the batch `start_step` of the seeded epochs.
 
     The position is derived from the step counter (not the sampler's own counter, which runs ahead
     by the DataLoader's prefetch), so a resumed run sees the same batches as an uninterrupted one.
+    `batch_size` is this rank's; an epoch is `batches_per_epoch` global batches (the sampler's padding
+    to a multiple of the world size is never reached, so no clip is seen twice in an epoch).
     """
     epoch, k = divmod(start_step, batches_per_epoch)
     while True:
         sampler.set_position(epoch, k * batch_size)
-        yield from loader
+        yield from itertools.islice(loader, batches_per_epoch - k)
         epoch, k = epoch + 1, 0
+
+
+def local_batch_size(global_batch: int, world: int) -> int:
+    """Each rank's share of `data.batch_size` (the global batch)."""
+    if global_batch % world:
+        raise ValueError(f"data.batch_size={global_batch} is the global batch and must divide by the {world} "
+                         f"processes; set data.batch_size={max(1, global_batch // world) * world}")
+    return global_batch // world
 
 
 def check_resume_config(path: Path, state: dict[str, Any], cfg: RunConfig, stage_name: str) -> None:
@@ -154,11 +172,19 @@ def train(stage: Stage, dataset, cfg: RunConfig, out_dir: str | Path, *, time_bu
 
     Returns a summary: step, stopped ("done" | "time_budget" | "max_steps"), last metrics, paths.
     `max_steps` stops early at that absolute step without changing the lr schedule (tests use it to
-    simulate an interruption).
+    simulate an interruption). Under torchrun (WORLD_SIZE > 1) every rank calls this; the process
+    group is joined here unless the caller already did (and then left to the caller to destroy).
     """
+    device, started = distributed.setup(device)
+    try:
+        return _train(stage, dataset, cfg, Path(out_dir), time_budget, resume, device, max_steps)
+    finally:
+        distributed.teardown(started)
+
+
+def _train(stage: Stage, dataset, cfg: RunConfig, out_dir: Path, time_budget: float | None, resume: bool,
+           device: torch.device, max_steps: int | None) -> dict[str, Any]:
     t_start = time.time()
-    device = torch.device(device)
-    out_dir = Path(out_dir)
     rank, world = dist_info()
     writer = rank == 0
     if writer:
@@ -175,17 +201,20 @@ def train(stage: Stage, dataset, cfg: RunConfig, out_dir: str | Path, *, time_bu
         check_resume_config(state_path, state, cfg, stage.name)
         stage.load_state_dict(state["stage_state"])
         step, gpu_seconds = int(state["step"]), float(state.get("gpu_seconds", 0.0))
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"], device)
     else:
-        seed_everything(cfg.seed + rank)
+        seed_everything(cfg.seed)  # the same streams on every rank: see distributed.BatchShard
     if sc.compile:
         stage.compile()
+    if world > 1:
+        stage.wrap_ddp(device, BatchShard(rank, world))
 
-    batch_size = cfg.data.batch_size
+    global_batch = cfg.data.batch_size
+    batch_size = local_batch_size(global_batch, world)
     sampler = ResumableSampler(len(dataset), seed=cfg.seed, rank=rank, world_size=world)
-    batches_per_epoch = len(sampler) // batch_size
+    batches_per_epoch = len(dataset) // global_batch
     if batches_per_epoch < 1:
-        raise ValueError(f"dataset has {len(sampler)} clips per rank, fewer than data.batch_size={batch_size}")
+        raise ValueError(f"dataset has {len(dataset)} clips, fewer than data.batch_size={global_batch}")
     # Its own generator: DataLoader iterators otherwise draw from the global RNG (breaks exact resume).
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
                         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
@@ -197,15 +226,18 @@ def train(stage: Stage, dataset, cfg: RunConfig, out_dir: str | Path, *, time_bu
     def save(metrics: dict[str, float]) -> float:
         """Training state + exported weights; returns the seconds it took (for the budget margin)."""
         t0 = time.time()
+        distributed.barrier()
         if writer:
             epoch, k = divmod(step, batches_per_epoch)
             save_training_state(out_dir / STATE_FILE, {
                 "format": 1, "stage": stage.name, "step": step, "stage_state": stage.state_dict(),
-                "rng": rng_state(), "data": {"epoch": epoch, "position": k * batch_size, "seed": cfg.seed},
+                "rng": rng_state(device), "world_size": world,
+                "data": {"epoch": epoch, "position": k * global_batch, "seed": cfg.seed},
                 "config": cfg.to_dict(), "gpu_seconds": gpu_seconds_now(), "metrics": metrics,
             })
             export(stage, out_dir, cfg, step, {**info, "metrics": metrics, "gpu_seconds": gpu_seconds_now(),
                                                "peak_mem": peak_memory(device)})
+        distributed.barrier()  # no rank runs ahead (or reads state.pt) before the write is complete
         return time.time() - t0
 
     run_start = time.time()
@@ -222,9 +254,11 @@ def train(stage: Stage, dataset, cfg: RunConfig, out_dir: str | Path, *, time_bu
     step_time, stopped = 0.0, "done"
     bar = tqdm(total=stop_at, initial=step, desc=stage.name, disable=not writer, dynamic_ncols=True)
     while step < stop_at:
-        if time_budget is not None and time.time() - t_start + step_time + save_margin > time_budget:
-            stopped = "time_budget"
-            break
+        if time_budget is not None:
+            over = time.time() - t_start + step_time + save_margin > time_budget
+            if distributed.max_over_ranks(float(over), device):  # every rank stops at the same step
+                stopped = "time_budget"
+                break
         t0 = time.time()
         batch = to_device(next(batches), device)
         lr = set_lr(stage.optimizers, lr_factor(step, oc.warmup_steps, total, oc.lr_schedule, oc.min_lr_ratio))
@@ -240,8 +274,8 @@ def train(stage: Stage, dataset, cfg: RunConfig, out_dir: str | Path, *, time_bu
         bar.update(1)
         if step % sc.log_every == 0 or step == stop_at or step == 1:
             dt = time.time() - t_log
-            metrics = {k: v / n_sum for k, v in sums.items()}
-            record = {"step": step, **metrics, "lr": lr, "samples_per_s": n_sum * batch_size * world / max(dt, 1e-9),
+            metrics = distributed.mean_over_ranks({k: v / n_sum for k, v in sums.items()}, device)
+            record = {"step": step, **metrics, "lr": lr, "samples_per_s": n_sum * global_batch / max(dt, 1e-9),
                       "elapsed": time.time() - t_start}
             if writer:
                 with open(log_path, "a") as f:
@@ -256,7 +290,7 @@ def train(stage: Stage, dataset, cfg: RunConfig, out_dir: str | Path, *, time_bu
     if stopped == "done" and step < total:
         stopped = "max_steps"
     if sums:
-        metrics = {k: v / n_sum for k, v in sums.items()}
+        metrics = distributed.mean_over_ranks({k: v / n_sum for k, v in sums.items()}, device)
     save(metrics)
     return {"stage": stage.name, "step": step, "stopped": stopped, "metrics": metrics,
             "seconds": time.time() - t_start, "gpu_seconds": gpu_seconds_now(), "peak_mem": peak_memory(device),

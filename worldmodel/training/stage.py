@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from worldmodel.training.distributed import SINGLE, BatchShard, broadcast_module, replicate
+
 
 class EMA:
     """Exponential moving average of a module's parameters (buffers are copied).
@@ -57,6 +59,10 @@ class Stage:
     optimizers: dict[str, torch.optim.Optimizer]
     pose_stats: dict[str, list[float]] | None = None
     """Normalisation of the pose deltas (from the data manifest); stored in every exported checkpoint."""
+    shard: BatchShard = SINGLE
+    """This rank's rows of the global batch: every random draw of `step` goes through it (distributed.py)."""
+    find_unused_parameters: bool = False
+    """DDP: True when a trainable module has parameters that get no gradient in a step."""
 
     def step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, float]:
         raise NotImplementedError
@@ -82,6 +88,19 @@ class Stage:
         """torch.compile the trainable modules in place (state_dict keys stay unprefixed)."""
         for module in self.trainable_modules().values():
             module.compile()
+
+    def wrap_ddp(self, device: torch.device, shard: BatchShard) -> None:
+        """Under torchrun: average every trainable module's gradients over ranks (DDP; the critic too),
+        keep the EMA identical on every rank and draw randomness for the global batch.
+
+        The stage keeps its bare modules (checkpoints never see a `module.` prefix); only their
+        methods are routed through DDP (`distributed.replicate`). Call after loading a resume state.
+        """
+        self.shard = shard
+        for module in self.trainable_modules().values():
+            replicate(module, torch.device(device), find_unused_parameters=self.find_unused_parameters)
+        if self.ema is not None:  # built from each rank's own init before DDP broadcast rank 0's weights
+            broadcast_module(self.ema.model)
 
     def state_dict(self) -> dict[str, Any]:
         state = {name: m.state_dict() for name, m in self.trainable_modules().items()}

@@ -107,6 +107,7 @@ class TeacherStage(DiTStage):
 
     def loss(self, x0: Tensor, pose: Tensor) -> Tensor:
         B, T = x0.shape[:2]
-        sigma = draw_clip_sigma(B, T, self.flow.shift, self.sigma_per_frame, x0.device)
-        keep = draw_pose_keep(B, T, self.flow.pose_dropout, x0.device)
-        return teacher_loss(self.online, x0, pose, sigma, torch.randn_like(x0), keep)
+        # Drawn for the global batch, this rank's rows kept (distributed.BatchShard).
+        sigma = self.shard.draw(lambda n: draw_clip_sigma(n, T, self.flow.shift, self.sigma_per_frame, x0.device), B)
+        keep = self.shard.draw(lambda n: draw_pose_keep(n, T, self.flow.pose_dropout, x0.device), B)
+        return teacher_loss(self.online, x0, pose, sigma, self.shard.randn_like(x0), keep)
