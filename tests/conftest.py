@@ -7,8 +7,9 @@ os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# CI has 2 cores; more threads than that only adds contention in tiny-config tests.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tiny-config tests: intra-op threads only add synchronisation, and on a busy 2-core machine a second
+# thread waiting for a core made ops ~30x slower (measured). One thread for the whole suite.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -16,13 +16,6 @@ from worldmodel.training.loop import train
 from worldmodel.training.registry import build_stage
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_pairs_are_adjacent_grid_levels():
     grid = sigma_grid(8, 3.0)

@@ -15,13 +15,6 @@ from worldmodel.training.loop import train
 from worldmodel.training.registry import build_stage
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_ode_path_holds_the_student_levels():
     path, keep = ode_path(8, 3.0, step_sigmas(4, 3.0))

@@ -10,15 +10,6 @@ from worldmodel.models.dit import DIT_SIZES, WorldDiT, apply_rope, dit_config
 B, C, H, W = 2, 4, 4, 6  # tiny latents: 2x3 = 6 tokens per frame
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: intra-op threads only add synchronisation, and on a shared 2-core machine a second
-    # thread that has to wait for a busy core makes every op ~30x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make_model(depth: int = 2, seed: int = 0) -> WorldDiT:
     torch.manual_seed(seed)

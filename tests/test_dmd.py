@@ -17,14 +17,6 @@ from worldmodel.training.registry import build_stage
 from worldmodel.training.rollout import self_rollout
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one thread is faster than two contending ones on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_dmd_gradient_definition_and_per_sample_normaliser():
     x, real, fake = torch.randn(3, 2, 4, 5), torch.randn(3, 2, 4, 5), torch.randn(3, 2, 4, 5)

@@ -12,10 +12,9 @@ import envs
 from envs import WorldModelEnv, WorldModelVectorEnv
 from envs.keymap import ACTION_KEYS, ACTION_NAMES, CHORDS, DISCRETE_ACTIONS, chord_index
 from envs.rewards import ExploreReward
-from tests.world_fixture import H, STARTS, W, one_thread, tiny_world, tiny_world_dir  # noqa: F401 (fixtures)
+from tests.world_fixture import H, STARTS, W, tiny_world, tiny_world_dir  # noqa: F401 (fixtures)
 from worldmodel.inference.world import World, WorldError
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = {"device": "cpu", "dtype": "float32"}
 
 

@@ -18,15 +18,6 @@ FH, FW, C = 32, 48, 4  # frames 32x48 -> latents 4x4x6
 STATS = {"mean": [1.0, 0.0, 0.0, 0.5, 0.0], "std": [2.0, 1.0, 1.0, 3.0, 1.0]}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: intra-op threads only add synchronisation, and on a shared 2-core machine a second
-    # thread that has to wait for a busy core makes every op ~30x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make_nets(depth: int = 2):
     torch.manual_seed(0)

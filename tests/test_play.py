@@ -14,9 +14,8 @@ import pytest
 
 import play
 from envs import WorldModelEnv
-from tests.world_fixture import H, W, one_thread, tiny_world, tiny_world_dir  # noqa: F401 (fixtures)
+from tests.world_fixture import H, W, tiny_world, tiny_world_dir  # noqa: F401 (fixtures)
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parent.parent
 
 

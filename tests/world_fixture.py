@@ -60,16 +60,6 @@ def make_tiny_world(out: Path) -> Path:
                       provenance={"what": "tiny random test world"}, fps=10.0)
 
 
-@pytest.fixture(autouse=False)
-def one_thread():
-    """The tiny world's kernels are too small to split; with other jobs on the 2 cores, two threads
-    each were 20x slower than one here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def tiny_world_dir(tmp_path_factory) -> Path:
     return make_tiny_world(tmp_path_factory.mktemp("world") / "tiny")
