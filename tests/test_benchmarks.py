@@ -139,3 +139,28 @@ def test_default_dtype_follows_the_hardware(monkeypatch):
     assert default_dtype(torch.device("cpu")) == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert default_dtype("cuda") == torch.bfloat16
+
+
+@pytest.mark.parametrize("block", [1, 3])
+def test_window_reuse_in_forward_cached_is_bit_identical(block):
+    """The no-grad path rotates the cached window once per block and reuses it for every denoising call;
+    it must give exactly what the autograd path (cat and rotate on every call) gives, across ring wraps."""
+    torch.manual_seed(0)
+    model = WorldDiT(HAND_DIT)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # no zero gates: every path carries numbers
+
+    def stream(ctx) -> list[torch.Tensor]:
+        torch.manual_seed(1)
+        cache, outs = model.new_cache(2, 5, 1, "cpu", torch.float32), []
+        with ctx():
+            for _ in range(6):  # 6 blocks through a 5-frame window: the ring wraps
+                pose, x = torch.randn(2, block, 5), torch.randn(2, block, 4, 4, 4)
+                for s, write in ((1.0, False), (0.6, False), (0.0, True)):
+                    outs.append(model.forward_cached(x, torch.full((2, block), s), pose, cache, write=write).detach())
+        return outs
+
+    reference = stream(torch.enable_grad)
+    for ctx in (torch.no_grad, torch.inference_mode):
+        assert all(torch.equal(a, b) for a, b in zip(reference, stream(ctx)))

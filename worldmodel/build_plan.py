@@ -194,9 +194,12 @@ class Ledger:
                                  "are then read from the exports alone)") from None
 
     def save(self) -> None:
+        text = json.dumps(self.data, indent=1, default=str)
+        if self.path.is_file() and self.path.read_text() == text:
+            return  # a call that changes nothing rewrites nothing
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(LEDGER + ".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, default=str))
+        tmp.write_text(text)
         os.replace(tmp, self.path)
 
     def entry(self, stage: str) -> dict[str, Any]:

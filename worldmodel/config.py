@@ -168,6 +168,9 @@ class StageConfig:
     """Latent stages: keep each frame's latent on the device after its first encoding (frozen encoder)."""
     ae_edge_weight: float = 0.0
     """Autoencoder: weight of an L1 loss on image gradients (sharper edges); 0 disables it."""
+    fsdp: bool = False
+    """Under torchrun: shard parameters, gradients and optimiser states over the GPUs (FSDP2 full-shard)
+    instead of replicating them (DDP); for networks that do not fit one GPU. Same results, more traffic."""
 
 
 @dataclass

@@ -8,6 +8,7 @@ token index = frame * tokens_per_frame + token-in-frame; frames are grouped into
 from __future__ import annotations
 
 import functools
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +80,10 @@ class KVCache:
     this block), attends, and when writing calls `append(layer, k, v)`; after the last layer the caller
     calls `advance(Tb)` once. `append` writes slots for frames not yet counted by `advance`, so all layers
     of one block land in the same slots.
+
+    `staged(key, build)` memoises work derived from the visible frames (the network's rotated window),
+    so that the several denoising calls of one block do it once; it is forgotten on append (that layer),
+    advance and reset. Code that edits the buffers in place otherwise must call reset() or advance().
     """
 
     def __init__(
@@ -141,6 +146,13 @@ class KVCache:
                 ranges.append([slot, slot + 1])
         N = self.tokens_per_frame
         self._ranges = [(a * N, b * N) for a, b in ranges]
+        self._staged: dict[tuple, Any] = {}
+
+    def staged(self, key: tuple, build: Callable[[], Any]) -> Any:
+        """build() once per visible window and key (key[0] is the layer); see the class docstring."""
+        if key not in self._staged:
+            self._staged[key] = build()
+        return self._staged[key]
 
     def visible_parts(self, layer: int) -> tuple[list[Tensor], list[Tensor]]:
         """The visible K (un-rotated) and V as views, pieces in temporal order: cat(pieces, dim=2)."""
@@ -167,6 +179,7 @@ class KVCache:
                 f"(cache_frames - sink_frames); raise cache_frames"
             )
         N = self.tokens_per_frame
+        self._staged = {key: val for key, val in self._staged.items() if key[0] != layer}
         for i in range(tb):
             slot = self._slot(self.frames_written + i)
             self.k[layer][:, :, slot * N : (slot + 1) * N] = k[:, :, i * N : (i + 1) * N]

@@ -310,11 +310,35 @@ class WorldDiT(nn.Module):
         split = n * self.tokens_per_frame
         cos_q, sin_q = cos[split:], sin[split:]
 
+        # Without autograd the visible window is rotated once per block into buffers whose tail each
+        # denoising call overwrites with its own keys (the same elementwise ops on the same values as the
+        # cat-and-rotate path below: bit-identical). With autograd, in-place reuse would corrupt saved tensors.
+        reuse = not torch.is_grad_enabled()
+
+        def window(layer: int, like: Tensor) -> tuple[Tensor, Tensor]:
+            ks, vs = cache.visible_parts(layer)
+            B, H, _, hd = like.shape
+            k_buf = like.new_empty(B, H, split + Tb * self.tokens_per_frame, hd)
+            v_buf = torch.empty_like(k_buf)
+            a = 0
+            for kp, vp in zip(ks, vs):  # pieces in temporal order
+                b = a + kp.shape[2]
+                k_buf[:, :, a:b] = apply_rope(kp.to(like.dtype), cos[a:b], sin[a:b])
+                v_buf[:, :, a:b] = vp
+                a = b
+            return k_buf, v_buf
+
         def make_attend(layer: int) -> Attend:
             def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-                ks, vs = cache.visible_parts(layer)  # views in temporal order: one cat, one rotation
-                k_all = apply_rope(torch.cat([t.to(k.dtype) for t in ks] + [k], dim=2), cos, sin)
-                v_all = torch.cat([t.to(v.dtype) for t in vs] + [v], dim=2)
+                if reuse:
+                    key = (layer, Tb, k.dtype, torch.is_inference_mode_enabled())
+                    k_all, v_all = cache.staged(key, lambda: window(layer, k))
+                    k_all[:, :, split:] = apply_rope(k, cos_q, sin_q)
+                    v_all[:, :, split:] = v
+                else:
+                    ks, vs = cache.visible_parts(layer)  # views in temporal order: one cat, one rotation
+                    k_all = apply_rope(torch.cat([t.to(k.dtype) for t in ks] + [k], dim=2), cos, sin)
+                    v_all = torch.cat([t.to(v.dtype) for t in vs] + [v], dim=2)
                 out = attention(apply_rope(q, cos_q, sin_q), k_all, v_all)
                 if write:
                     cache.append(layer, k, v)

@@ -8,6 +8,9 @@ Two phases inside the shared loop:
    student's step levels (`step_sigmas(student_steps)`, 1.0 = the initial noise) and the endpoint are
    written with the context to `ode_pairs/chunk_*.pt`. Chunks persist, so a resumed run continues
    generating where it stopped. Logs: ode_clips, ode_bytes (on disk), ode_gen_s (generation seconds).
+   Under torchrun `stage.ode_samples` counts clips over all ranks: each rank stores its rows of every
+   global batch in its own chunk files (tagged with their global row numbers), and when generation
+   ends every rank reads all chunks back in global row order, so all ranks regress on the same set.
 2. Regression (every later step; the loop's data batch is then unused): a random minibatch of stored
    (state, level) pairs; the student's x0 prediction from the state, through the teacher-forcing forward
    on the stored context, regresses onto the endpoint.
@@ -27,6 +30,7 @@ from worldmodel.checkpoint import CheckpointError, load_training_state, save_tra
 from worldmodel.config import RunConfig
 from worldmodel.diffusion.flow import euler_sample, sigma_grid, step_sigmas
 from worldmodel.training.ar_diffusion import context_noise  # stage 2's augmentation, shared
+from worldmodel.training.distributed import SINGLE, BatchShard, barrier, is_distributed
 from worldmodel.training.distill_common import (
     GpuClock, latent_batch, load_teacher, load_trainable, make_batcher, teacher_forced_v,
     x0_closure,
@@ -82,6 +86,11 @@ class PairStore:
 
     def __init__(self, directory: Path, sigmas: list[float], rank: int = 0):
         self.dir, self.sigmas, self.rank = Path(directory), sigmas, rank
+        self.reload()
+
+    def reload(self) -> None:
+        """Read every chunk in the directory (every rank's)."""
+        sigmas = self.sigmas
         self.chunks: list[dict[str, Any]] = []
         for path in sorted(self.dir.glob("chunk_*.pt")):
             chunk = load_training_state(path)
@@ -92,6 +101,7 @@ class PairStore:
                 )
             self.chunks.append(chunk)
         self._cat: dict[str, Tensor] | None = None
+        self.total_clips = self.clips  # over all ranks; `clips` counts what this process holds
 
     @property
     def clips(self) -> int:
@@ -105,8 +115,12 @@ class PairStore:
     def gen_seconds(self) -> float:
         return sum(float(c["gen_seconds"]) for c in self.chunks)
 
-    def add(self, chunk: dict[str, Any]) -> Path:
-        path = self.dir / f"chunk_r{self.rank}_{len(self.chunks):05d}.pt"
+    def add(self, chunk: dict[str, Any], offset: int | None = None, shard: BatchShard = SINGLE) -> Path:
+        """Store this rank's rows of a global batch whose first row is global clip `offset`."""
+        offset = self.total_clips if offset is None else offset
+        n = chunk["states"].shape[0]
+        chunk["rows"] = offset + shard.rank + shard.world * torch.arange(n)  # global row of each clip
+        path = self.dir / f"chunk_{offset:08d}_r{shard.rank if shard.world > 1 else self.rank}.pt"
         chunk = {k: v.cpu() if isinstance(v, Tensor) else v for k, v in chunk.items()}
         save_training_state(path, chunk)  # atomic: a crash never leaves a half chunk under its name
         self.chunks.append(chunk)
@@ -117,6 +131,9 @@ class PairStore:
         if self._cat is None:
             keys = ("states", "endpoint", "x_clean", "sigma_clean", "pose")
             self._cat = {k: torch.cat([c[k] for c in self.chunks]) for k in keys}
+            if all("rows" in c for c in self.chunks):  # global row order: the same on any world size
+                order = torch.cat([c["rows"] for c in self.chunks]).argsort()
+                self._cat = {k: v[order] for k, v in self._cat.items()}
         return self._cat
 
 
@@ -166,23 +183,27 @@ class CausalODEStage(Stage):
 
     @property
     def generating(self) -> bool:
-        return self.store.clips < self.target_clips
+        return self.store.total_clips < self.target_clips
 
     @torch.no_grad()
-    def generate(self, x0: Tensor, pose: Tensor) -> dict[str, Tensor]:
-        """Teacher PF-ODE for clips x0 (B,T,...) -> chunk {states (B,K,T,...), endpoint, context, pose}."""
-        x_clean, sigma_clean = context_noise(x0, self.context_noise_max)
+    def generate(self, x0: Tensor, pose: Tensor, take: int | None = None) -> dict[str, Tensor]:
+        """Teacher PF-ODE for the first `take` clips of x0 (B,T,...) -> chunk {states (take,K,T,...),
+        endpoint, context, pose}. The noise is drawn for the whole (global) batch either way."""
+        x_clean, sigma_clean = context_noise(x0, self.context_noise_max, self.shard)
+        eps = self.shard.randn_like(x0)
+        take = x0.shape[0] if take is None else take
+        x_clean, sigma_clean, eps, pose = x_clean[:take], sigma_clean[:take], eps[:take], pose[:take]
         v_fn = teacher_forced_v(self.teacher, x_clean, sigma_clean, pose, block_size=self.block_size,
                                 guidance=self.guidance)
-        states, endpoint = ode_states(float_sigma_fn(v_fn), torch.randn_like(x0), self.path, self.sigmas_keep)
+        states, endpoint = ode_states(float_sigma_fn(v_fn), eps, self.path, self.sigmas_keep)
         return {"states": states, "endpoint": endpoint, "x_clean": x_clean, "sigma_clean": sigma_clean,
                 "pose": pose, "sigmas": list(self.sigmas_keep), "path": list(self.path)}
 
     def regression_loss(self, batch_size: int) -> Tensor:
         data = self.store.tensors()
         n, K = data["states"].shape[:2]
-        idx = torch.randint(0, n, (batch_size,))
-        k = torch.randint(0, K, (batch_size,))
+        idx = self.shard.draw(lambda m: torch.randint(0, n, (m,)), batch_size)
+        k = self.shard.draw(lambda m: torch.randint(0, K, (m,)), batch_size)
         dev = self.device
         x_t = data["states"][idx, k].to(dev).float()
         sigma = torch.tensor(self.sigmas_keep, device=dev)[k.to(dev)]
@@ -196,21 +217,30 @@ class CausalODEStage(Stage):
             with self.clock:
                 t0 = time.perf_counter()
                 x0, pose = latent_batch(batch, self.batcher, self.device)
-                take = min(x0.shape[0], self.target_clips - self.store.clips)
-                chunk = self.generate(x0[:take], pose[:take])
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                chunk["gen_seconds"] = time.perf_counter() - t0
-                self.store.add(chunk)
+                offset = self.store.total_clips
+                take_global = min(x0.shape[0] * self.shard.world, self.target_clips - offset)
+                take = self.shard.global_rows(take_global)  # this rank's rows come first in its batch
+                if take:
+                    chunk = self.generate(x0, pose, take)
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    chunk["gen_seconds"] = time.perf_counter() - t0
+                    self.store.add(chunk, offset, self.shard)
+                else:  # draw what the other ranks draw: the RNG streams stay in step (BatchShard)
+                    context_noise(x0, self.context_noise_max, self.shard), self.shard.randn_like(x0)
+                self.store.total_clips = offset + take_global
             if not self.generating:
                 self._teacher = None  # regression never needs it again
-            return {"ode_clips": float(self.store.clips), "ode_bytes": float(self.store.nbytes),
+                if is_distributed():  # every rank regresses on every rank's clips
+                    barrier()
+                    self.store.reload()
+            return {"ode_clips": float(self.store.total_clips), "ode_bytes": float(self.store.nbytes),
                     "ode_gen_s": self.store.gen_seconds, "gpu_s": self.clock.total}
         with self.clock:
             batch_size = (batch["x0"] if "x0" in batch else batch["frames"]).shape[0]
             loss = self.regression_loss(batch_size)
             gnorm = optimizer_step(loss, self.online, self.optimizers["student"], self.grad_clip)
-        return {"loss": loss.item(), "grad_norm": gnorm, "ode_clips": float(self.store.clips),
+        return {"loss": loss.item(), "grad_norm": gnorm, "ode_clips": float(self.store.total_clips),
                 "ode_bytes": float(self.store.nbytes), "ode_gen_s": self.store.gen_seconds, "gpu_s": self.clock.total}
 
     def state_dict(self) -> dict[str, Any]:

@@ -193,3 +193,76 @@ def max_over_ranks(value: float, device: torch.device) -> float:
     t = torch.tensor([float(value)], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
+
+
+# ---- FSDP (stage.fsdp=true): parameters, gradients and optimiser states sharded over ranks ----
+
+def shard_fully(module: nn.Module, device: torch.device, methods: tuple[str, ...] = TRAINED_METHODS) -> None:
+    """FSDP2 full-shard in place: each block of every ModuleList and each other direct child is its own
+    unit (gathered when called, so a stage may call a child directly, e.g. the autoencoder's decoder);
+    the root keeps the rest. The module keeps its class and unprefixed state_dict keys (values become
+    DTensor shards: gather with `full_tensors`); its other trained methods gather like forward does."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for sub in list(module.modules()):
+        if isinstance(sub, nn.ModuleList):
+            for block in sub:
+                fully_shard(block, mesh=mesh)
+    for child in module.children():
+        if not isinstance(child, nn.ModuleList) and any(True for _ in child.parameters()):
+            fully_shard(child, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    for name in methods:
+        if name != "forward" and callable(getattr(module, name, None)):
+            register_fsdp_forward_method(module, name)
+
+
+def reshard(module: nn.Module) -> None:
+    """Free every gathered FSDP unit of `module`. FSDP2 keeps a root unit gathered after forward (for the
+    backward that usually follows); a no-grad call (an EMA target) has no backward to free it."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for sub in module.modules():
+        if isinstance(sub, FSDPModule):
+            sub.reshard()
+
+
+def rebind_optimizer(opt: torch.optim.Optimizer, new_params: dict[int, nn.Parameter]) -> None:
+    """Point `opt` at the sharded parameters that replaced its own (id(old) -> new); its state tensors
+    (e.g. loaded from a resume) are sharded like their parameter."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    state = {}
+    for group in opt.param_groups:
+        fresh = []
+        for p in group["params"]:
+            q = new_params.get(id(p), p)
+            fresh.append(q)
+            if p in opt.state:
+                state[q] = {k: distribute_tensor(v.to(q.device), q.device_mesh, q.placements)
+                            if isinstance(q, DTensor) and torch.is_tensor(v) and v.shape == q.shape else v
+                            for k, v in opt.state[p].items()}
+        group["params"] = fresh
+    opt.state.clear()
+    opt.state.update(state)
+
+
+def full_tensors(obj: Any) -> Any:
+    """A (nested) state dict with every DTensor gathered to a full CPU tensor. A collective under FSDP:
+    every rank must call it on the same structure (they all hold the same keys)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(obj, DTensor):
+        return obj.full_tensor().cpu()
+    if isinstance(obj, dict):
+        return {k: full_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(full_tensors(v) for v in obj)
+    return obj
+
+
+def local_value(t: Any) -> Any:
+    """A DTensor reduction (e.g. clip_grad_norm_'s total norm) as a plain tensor; anything else as is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t

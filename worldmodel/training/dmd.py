@@ -109,6 +109,7 @@ class DMDStage(Stage):
     """Generator (online + EMA) and critic trained; teacher frozen. Exports the EMA generator."""
 
     name = "dmd"
+    find_unused_parameters = True  # the cached rollout never uses the generator's null pose embedding
 
     def __init__(self, cfg: RunConfig, device: torch.device | str, pose_stats: dict[str, Any] | None = None, *,
                  student: nn.Module | None = None, teacher: nn.Module | None = None, critic: nn.Module | None = None):
@@ -152,14 +153,23 @@ class DMDStage(Stage):
 
     def rollout(self, x0: Tensor, pose: Tensor, exit_step: int, grad: bool) -> Tensor:
         """x0 (B,T,...) ground truth -> generated frames (B, T-T0, ...) after T0 context frames."""
+        def noise(shape: tuple[int, ...]) -> Tensor:  # drawn for the global batch (distributed.BatchShard)
+            return self.shard.draw(lambda n: torch.randn((n, *shape[1:]), device=x0.device), shape[0])
+
         return self_rollout(self.online, x0[:, : self.context_frames], pose, exit_step=exit_step, grad=grad,
-                            **self.rollout_kw)
+                            noise_fn=noise, **self.rollout_kw)
+
+    def draw_sigma_eps(self, x_gen: Tensor) -> tuple[Tensor, Tensor]:
+        """(sigma (B,), eps like x_gen) for the scores, drawn for the global batch."""
+        sigma = self.shard.draw(lambda n: draw_dmd_sigma(n, self.shift, self.t_min, self.t_max, self.device),
+                                x_gen.shape[0])
+        return sigma, self.shard.randn_like(x_gen)
 
     def critic_update(self, x0: Tensor, pose: Tensor, step: int, draw: int) -> float:
         with torch.no_grad():
             x_gen = self.rollout(x0, pose, self.exit_step(step, draw), grad=False)
-        sigma = draw_dmd_sigma(x0.shape[0], self.shift, self.t_min, self.t_max, self.device)
-        loss = critic_loss(self.critic, x0[:, : self.context_frames], x_gen, pose, sigma, torch.randn_like(x_gen),
+        sigma, eps = self.draw_sigma_eps(x_gen)
+        loss = critic_loss(self.critic, x0[:, : self.context_frames], x_gen, pose, sigma, eps,
                            context_sigma=self.context_sigma)
         optimizer_step(loss, self.critic, self.optimizers["critic"], self.grad_clip)
         return loss.item()
@@ -167,9 +177,9 @@ class DMDStage(Stage):
     def generator_update(self, x0: Tensor, pose: Tensor, step: int) -> dict[str, float]:
         exit_step = self.exit_step(step, self.critic_steps)
         x_gen = self.rollout(x0, pose, exit_step, grad=True)
-        sigma = draw_dmd_sigma(x0.shape[0], self.shift, self.t_min, self.t_max, self.device)
+        sigma, eps = self.draw_sigma_eps(x_gen)
         x0_real, x0_fake = dmd_scores(self.teacher, self.critic, x0[:, : self.context_frames], x_gen.detach(), pose,
-                                      sigma, torch.randn_like(x_gen), guidance=self.guidance,
+                                      sigma, eps, guidance=self.guidance,
                                       context_sigma=self.context_sigma)
         grad = dmd_gradient(x_gen.detach(), x0_real, x0_fake)
         loss = dmd_generator_loss(x_gen, grad)

@@ -150,10 +150,11 @@ def check_resume_config(path: Path, state: dict[str, Any], cfg: RunConfig, stage
                               + "; ".join(problems) + ". Resume with the same data/model settings.")
 
 
-def export(stage: Stage, out_dir: Path, cfg: RunConfig, step: int, info: dict[str, Any]) -> Path:
+def export(stage: Stage, out_dir: Path, cfg: RunConfig, step: int, info: dict[str, Any], write: bool = True) -> Path:
     """Write the stage's exported modules as `<stage>.safetensors` (bf16) + provenance JSON.
 
     One module is stored without prefix (what load_weights expects); several under `name.` prefixes.
+    Under FSDP every rank calls this (gathering the shards is collective) and only `write` ranks write.
     """
     meta_extra = stage.on_export()
     modules = stage.export_modules()
@@ -161,9 +162,14 @@ def export(stage: Stage, out_dir: Path, cfg: RunConfig, step: int, info: dict[st
         tensors = next(iter(modules.values())).state_dict()
     else:
         tensors = {f"{n}.{k}": v for n, m in modules.items() for k, v in m.state_dict().items()}
+    if stage.sharded:
+        tensors = distributed.full_tensors(tensors)
+    path = out_dir / f"{stage.name}.safetensors"
+    if not write:
+        return path
     meta = {"config": cfg.to_dict(), "stage": stage.name, "step": step, "modules": sorted(modules),
             "pose_stats": stage.pose_stats, **info, **meta_extra}
-    return save_weights(out_dir / f"{stage.name}.safetensors", tensors, meta)
+    return save_weights(path, tensors, meta)
 
 
 def train(stage: Stage, dataset, cfg: RunConfig, out_dir: str | Path, *, time_budget: float | None = None,
@@ -207,7 +213,7 @@ def _train(stage: Stage, dataset, cfg: RunConfig, out_dir: Path, time_budget: fl
     if sc.compile:
         stage.compile()
     if world > 1:
-        stage.wrap_ddp(device, BatchShard(rank, world))
+        stage.wrap_ddp(device, BatchShard(rank, world), fsdp=sc.fsdp)
 
     global_batch = cfg.data.batch_size
     batch_size = local_batch_size(global_batch, world)
@@ -227,10 +233,15 @@ def _train(stage: Stage, dataset, cfg: RunConfig, out_dir: Path, time_budget: fl
         """Training state + exported weights; returns the seconds it took (for the budget margin)."""
         t0 = time.time()
         distributed.barrier()
+        # Gathering FSDP shards is collective: then every rank takes part in both, and rank 0 writes.
+        if writer or stage.sharded:
+            stage_state = stage.full_state_dict()
+        if not writer and stage.sharded:
+            export(stage, out_dir, cfg, step, {}, write=False)
         if writer:
             epoch, k = divmod(step, batches_per_epoch)
             save_training_state(out_dir / STATE_FILE, {
-                "format": 1, "stage": stage.name, "step": step, "stage_state": stage.state_dict(),
+                "format": 1, "stage": stage.name, "step": step, "stage_state": stage_state,
                 "rng": rng_state(device), "world_size": world,
                 "data": {"epoch": epoch, "position": k * global_batch, "seed": cfg.seed},
                 "config": cfg.to_dict(), "gpu_seconds": gpu_seconds_now(), "metrics": metrics,
@@ -264,6 +275,7 @@ def _train(stage: Stage, dataset, cfg: RunConfig, out_dir: Path, time_budget: fl
         lr = set_lr(stage.optimizers, lr_factor(step, oc.warmup_steps, total, oc.lr_schedule, oc.min_lr_ratio))
         with autocast(device, sc.bf16):
             losses = stage.step(batch, step)
+        stage.reshard()  # FSDP: shards again before the EMA update (a no-op otherwise)
         if stage.ema is not None:
             stage.ema.update(stage.online, step)
         step += 1

@@ -14,7 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from worldmodel.training.distributed import SINGLE, BatchShard, broadcast_module, replicate
+from worldmodel.training.distributed import (
+    SINGLE, BatchShard, broadcast_module, full_tensors, local_value, rebind_optimizer, replicate, reshard,
+    shard_fully,
+)
 
 
 class EMA:
@@ -89,18 +92,44 @@ class Stage:
         for module in self.trainable_modules().values():
             module.compile()
 
-    def wrap_ddp(self, device: torch.device, shard: BatchShard) -> None:
+    def wrap_ddp(self, device: torch.device, shard: BatchShard, fsdp: bool = False) -> None:
         """Under torchrun: average every trainable module's gradients over ranks (DDP; the critic too),
         keep the EMA identical on every rank and draw randomness for the global batch.
 
         The stage keeps its bare modules (checkpoints never see a `module.` prefix); only their
         methods are routed through DDP (`distributed.replicate`). Call after loading a resume state.
+        fsdp=True shards the trainable modules and the EMA instead (FSDP2; the EMA update is then an
+        elementwise op on matching shards) and re-points the optimisers at the shards.
         """
-        self.shard = shard
-        for module in self.trainable_modules().values():
-            replicate(module, torch.device(device), find_unused_parameters=self.find_unused_parameters)
-        if self.ema is not None:  # built from each rank's own init before DDP broadcast rank 0's weights
-            broadcast_module(self.ema.model)
+        device = torch.device(device)
+        self.shard, self.sharded = shard, fsdp
+        if not fsdp:
+            for module in self.trainable_modules().values():
+                replicate(module, device, find_unused_parameters=self.find_unused_parameters)
+            if self.ema is not None:  # built from each rank's own init before DDP broadcast rank 0's weights
+                broadcast_module(self.ema.model)
+            return
+        modules = list(self.trainable_modules().values()) + ([self.ema.model] if self.ema is not None else [])
+        old = {}
+        for module in modules:
+            broadcast_module(module)  # FSDP keeps each rank's slice of its own copy: make the copies equal
+            old[id(module)] = {n: id(p) for n, p in module.named_parameters()}
+            shard_fully(module, device)
+        new = {old[id(m)][n]: p for m in modules for n, p in m.named_parameters()}
+        for opt in self.optimizers.values():
+            rebind_optimizer(opt, new)
+
+    sharded: bool = False
+
+    def reshard(self) -> None:
+        """Under FSDP: leave every trainable module and the EMA sharded (called after each step)."""
+        if self.sharded:
+            for module in list(self.trainable_modules().values()) + ([self.ema.model] if self.ema else []):
+                reshard(module)
+
+    def full_state_dict(self) -> dict[str, Any]:
+        """`state_dict()` with full tensors; under FSDP a collective every rank must call."""
+        return full_tensors(self.state_dict()) if self.sharded else self.state_dict()
 
     def state_dict(self) -> dict[str, Any]:
         state = {name: m.state_dict() for name, m in self.trainable_modules().items()}
@@ -130,4 +159,4 @@ def optimizer_step(loss: torch.Tensor, module: nn.Module, optimizer: torch.optim
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     optimizer.step()
-    return float(norm)
+    return float(local_value(norm))  # a DTensor under FSDP
