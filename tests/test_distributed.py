@@ -120,7 +120,8 @@ def test_two_ranks_equal_one_rank_with_the_global_batch(setup_dir, tmp_path):
     start = read_tensors(s["dit"])  # weights moved: the comparison is not between two copies of the init
     assert max((one_rank[f"online.{k}"] - v.float()).abs().max().item() for k, v in start.items()) > 1e-3
     # Causal ODE: stage.ode_samples=6 counts over ranks; each rank stored its rows, tagged globally.
-    rows = [load_training_state(f)["rows"].tolist() for f in sorted((tmp_path / "causal_ode2" / "ode_pairs").glob("*.pt"))]
+    chunks = sorted((tmp_path / "causal_ode2" / "ode_pairs").glob("*.pt"))
+    rows = [load_training_state(f)["rows"].tolist() for f in chunks]
     assert sorted(sum(rows, [])) == list(range(6)) and len(rows) == 4
     # Resume across a change of world size: 2 ranks -> 1 rank continues the same run.
     for cut in ("cut", "cut_fsdp"):

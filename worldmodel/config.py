@@ -94,6 +94,7 @@ class DataConfig:
     clip_frames: int = 8
     """Frames per training clip (T)."""
     batch_size: int = 32
+    """Clips per optimiser step over ALL processes: under torchrun each of N ranks loads batch_size / N."""
     num_workers: int = 2
 
 

@@ -140,7 +140,8 @@ def replicate(module: nn.Module, device: torch.device, *, methods: tuple[str, ..
     methods = tuple(m for m in methods if callable(getattr(module, m, None)))
     if getattr(module, "_ddp", None) is not None:
         raise RuntimeError(f"{type(module).__name__} is already wrapped in DDP")
-    ddp = DistributedDataParallel(_Router(module, methods), device_ids=[device.index] if device.type == "cuda" else None,
+    device_ids = [device.index] if device.type == "cuda" else None
+    ddp = DistributedDataParallel(_Router(module, methods), device_ids=device_ids,
                                   find_unused_parameters=find_unused_parameters)
     for name in methods:
         # An instance attribute shadows the class method: nn.Module.__call__ -> self.forward -> DDP.
@@ -154,15 +155,6 @@ def _routed(ddp: DistributedDataParallel, name: str) -> Callable[..., Any]:
         return ddp(name, *args, **kwargs)
 
     return call
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """Undo `replicate`: the module's own methods again (its parameters are the same tensors)."""
-    ddp = module.__dict__.pop("_ddp", None)
-    if ddp is not None:
-        for name in ddp.module._original:
-            module.__dict__.pop(name, None)
-    return module
 
 
 @torch.no_grad()

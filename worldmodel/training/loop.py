@@ -85,7 +85,7 @@ def rng_state(device: torch.device | str = "cpu") -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any], device: torch.device | str = "cpu") -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())  # load_training_state maps tensors onto the training device
     device = torch.device(device)
     if "cuda_device" in state and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda_device"].cpu(), device)  # rank 0's GPU stream onto this rank's GPU
