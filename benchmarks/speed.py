@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -42,7 +41,7 @@ from tqdm import tqdm
 from benchmarks.flops import Cost, decoder_params, dit_params, streaming_block, teacher_frame
 from worldmodel.config import RunConfig, load_config
 from worldmodel.diffusion.flow import sigma_grid
-from worldmodel.eval import WindowedEulerGenerator
+from worldmodel.eval import WindowedEulerGenerator, write_report
 from worldmodel.inference.generator import StreamingGenerator
 from worldmodel.inference.world import default_dtype
 from worldmodel.models.autoencoder import Autoencoder
@@ -304,12 +303,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  teacher_batches=teacher_batches, frames=a.frames, teacher_frames=a.teacher_frames,
                  peak_flops=a.peak_flops, bandwidth=a.bandwidth, seed=a.seed)
     report["command"] = "python -m benchmarks.speed " + " ".join(argv if argv is not None else sys.argv[1:])
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    table = markdown(report)
-    out.with_suffix(".md").write_text(table)
-    print(table)
+    write_report(a.out, report, markdown(report))
     return report
 
 

@@ -198,6 +198,15 @@ def evaluate(checkpoint: str | Path, autoencoder: str | Path, data_dir: str | Pa
             "results": results}
 
 
+def write_report(path: str | Path, report: dict, table: str) -> None:
+    """The JSON report at `path`, its markdown table beside it (.md), and the table on stdout."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    out.with_suffix(".md").write_text(table)
+    print(table)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m worldmodel.eval", description=__doc__.split("\n")[0],
                                 epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -217,12 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     report = evaluate(a.checkpoint, a.autoencoder, a.data, steps=a.steps, horizons=a.horizons, episodes=a.episodes,
                       context=a.context, sampler=a.sampler, euler_steps=a.euler_steps, device=a.device, seed=a.seed)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    table = markdown(report)
-    out.with_suffix(".md").write_text(table)
-    print(table)
+    write_report(a.out, report, markdown(report))
     return report
 
 
