@@ -4,12 +4,16 @@
     python play.py --steps 1 --scale 6    # 1 denoising step, bigger window
     python play.py --record out.mp4       # also write out.mp4 (H.264) + out.json (seed, actions, poses, latency)
     python play.py --headless --frames 300 --actions acts.json --record demo.mp4   # scripted, no window
+    python play.py --compare              # [real ViZDoom | world model], same start pose and actions, PSNR
 
 Keys: W/S forward/back, A/D strafe, <-/-> turn, mouse turns when grabbed (click to grab, Esc releases),
 R reset, P pause, . single step (paused), F1 help, Tab start/stop recording, Q or Esc quit.
 
 Layering (as in DIAMOND): this file knows pygame and the env API (reset/step) only; the env knows the
-world model and no window.
+world model and no window. --compare wraps the env and a ViZDoom engine in envs.compare.CompareEnv, one
+env-like object whose frames are [engine | world model] and whose info carries the PSNR between them;
+the engine renders at the world's frame size (a 32x48 test world is compared at 32x48). With --record
+the sidecar also gets per-frame `psnr` and the engine's `real_poses`.
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ class Game:
         self.step_count = 0
         self.latency_ms = 0.0
         self.last_action: np.ndarray | None = None
+        self.rec_psnr: list[float] = []  # per recorded frame, when the env reports a PSNR (--compare)
+        self.rec_real_poses: list[list[float]] = []
         self.obs, self.info = env.reset(seed=seed)
         if record:
             self.start_recording(record)
@@ -121,9 +127,13 @@ class Game:
 
         path = path or time.strftime("recordings/worldmodel_%Y%m%d_%H%M%S.mp4")
         self.recorder = Recorder(path, self.fps, {"seed": self.seed, "steps": self.steps_label})
+        self.rec_psnr, self.rec_real_poses = [], []
         self.record_path = None  # a second Tab-started recording gets a fresh, time-stamped name
 
     def stop_recording(self) -> None:
+        if self.rec_psnr:
+            self.recorder.meta.update(psnr=self.rec_psnr, psnr_mean=float(np.mean(self.rec_psnr)),
+                                      real_poses=self.rec_real_poses)
         video, sidecar = self.recorder.close()
         print(f"recorded {self.recorder.frames} frames to {video} (+ {sidecar.name})")
         self.recorder = None
@@ -135,6 +145,9 @@ class Game:
         self.latency_ms = self.info["latency_ms"]
         if self.recorder is not None:
             self.recorder.add(self.obs, action, self.info["pose"], self.latency_ms)
+            if "psnr" in self.info:
+                self.rec_psnr.append(float(self.info["psnr"]))
+                self.rec_real_poses.append(np.asarray(self.info["real_pose"], float).tolist())
         if terminated or truncated:
             self.reset()
 
@@ -159,6 +172,8 @@ class Game:
         rec = f"REC {self.recorder.frames}" if self.recorder else "rec off (Tab)"
         hud = [f"{self.clock.get_fps():5.1f} fps  gen {self.latency_ms:6.1f} ms  steps {self.steps_label}",
                f"frame {self.step_count}  {rec}{'  PAUSED' if self.paused else ''}"]
+        if "psnr" in self.info:  # --compare: [real engine | world model]
+            hud.append(f"PSNR {self.info['psnr']:5.1f} dB  mean {self.info['psnr_mean']:5.1f} dB  (real | model)")
         lines = hud + (["", *HELP] if self.show_help else ["F1 help"])
         for i, line in enumerate(lines):
             text = self.font.render(line, True, (255, 255, 0), (0, 0, 0))
@@ -210,6 +225,18 @@ def load_actions(path: str | None, frames: int, seed: int | None, dim: int) -> l
     return acts
 
 
+def compare_env(env):
+    """Wrap a WorldModelEnv with a ViZDoom engine at the world's map, frame size and frame skip."""
+    from data_tools.engine import DoomEngine
+    from envs.compare import CompareEnv, engine_settings_for
+
+    try:
+        engine = DoomEngine(engine_settings_for(env.world))
+    except ImportError as err:
+        sys.exit(f"play.py --compare needs ViZDoom (pip install vizdoom==1.3.2): {err}")
+    return CompareEnv(env, engine)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world", "--checkpoint", dest="world", default=None,
@@ -225,7 +252,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--headless", action="store_true", help="no window (SDL dummy driver); needs --frames")
     p.add_argument("--frames", type=int, default=None, help="stop after this many generated frames")
     p.add_argument("--actions", default=None, help="JSON list of 4-vectors or discrete ids (headless script)")
-    p.add_argument("--compare", action="store_true", help="real engine side by side (not available yet)")
+    p.add_argument("--compare", action="store_true",
+                   help="real ViZDoom (left) beside the world model (right), same start pose and actions, with PSNR")
     args = p.parse_args(argv)
     if args.headless and args.frames is None:
         p.error("--headless needs --frames N")
@@ -234,9 +262,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.compare:
-        sys.exit("--compare is not available yet: data_tools.record has no reusable engine class to drive "
-                 "ViZDoom step by step beside the world model")
     if args.headless:
         os.environ["SDL_VIDEODRIVER"] = "dummy"
         os.environ["SDL_AUDIODRIVER"] = "dummy"
@@ -249,6 +274,8 @@ def main(argv=None) -> None:
     except WorldError as err:
         sys.exit(f"play.py: {err}")
     steps_label = str(args.steps or env.world.config.generator.steps)
+    if args.compare:
+        env = compare_env(env)
     game = Game(env, scale=args.scale, smooth=args.smooth, seed=args.seed, record=args.record,
                 steps_label=steps_label)
     scripted = None

@@ -4,7 +4,8 @@
 
 Engine setup: Freedoom 2 (shipped in the vizdoom wheel), HUD, weapon, crosshair, messages and
 screen flashes off, view bob off (`+movebob 0`), no monsters by default, hidden window, RGB24,
-rendered at --render-resolution and resized with cv2.INTER_AREA to --height x --width. One engine process per worker (spawn);
+rendered at --render-resolution and resized with cv2.INTER_AREA to --height x --width (the engine is driven
+through data_tools.engine.DoomEngine, which play.py --compare uses too). One engine process per worker (spawn);
 episode k has its own seed f(--seed, k), held-out episodes draw seeds from a disjoint range, so the
 same --seed gives identical frames and poses whatever --workers is.
 
@@ -26,124 +27,41 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
+from data_tools.engine import (  # noqa: F401 (RecordSettings, engine_settings, make_game: public here too)
+    ACTION_SCALE, ENGINE_FOV, DoomEngine, EpisodeEnded, RecordSettings, engine_settings, find_wad, make_game)
 from data_tools.exploration import ExplorationPolicy
 from data_tools.poses import pose_deltas
 from data_tools.shards import FORMAT_VERSION, compute_pose_stats, write_episode, write_manifest
 
-# Per-tic engine units of a full action, in (forward, strafe, turn, look) order; signs map our
-# conventions (turn + = left, look + = up) onto the engine's.
-ACTION_SCALE = np.array([25.0, 24.0, -3.5, 1.5])
-ENGINE_FOV = 90.0
 HELDOUT_SEED_OFFSET = 1_000_000  # held-out episode seeds never collide with train seeds
-
-
-@dataclass
-class RecordSettings:
-    wad: str = "freedoom2.wad"
-    map: str = "MAP01"
-    monsters: bool = False
-    frame_skip: int = 4
-    height: int = 96
-    width: int = 128
-    render_resolution: str = "160x120"
-    fov: float = ENGINE_FOV
 
 
 def episode_seed(seed: int, index: int, heldout: bool) -> int:
     return int(seed) * 10_007 + index + (HELDOUT_SEED_OFFSET if heldout else 0)
 
 
-def find_wad(name: str) -> str:
-    """A wad path as given, else looked up next to the vizdoom package / in its scenarios folder."""
-    import vizdoom as vzd
-
-    if os.path.isfile(name):
-        return name
-    for d in (os.path.dirname(vzd.__file__), vzd.scenarios_path):
-        p = os.path.join(d, name)
-        if os.path.isfile(p):
-            return p
-    raise FileNotFoundError(f"wad {name!r} not found as a path nor in {os.path.dirname(vzd.__file__)}")
-
-
-def engine_settings(s: RecordSettings) -> dict:
-    """Everything the engine is told, as data (tests assert it: HUD hidden is a property of this)."""
-    w, h = (int(v) for v in s.render_resolution.lower().split("x"))
-    # View bob off: walking (even into a wall) would move the camera up and down by a few units that the
-    # recorded pose (feet position) does not show, and a frame must be a function of the pose.
-    args = ["+sv_nomonsters 0" if s.monsters else "+sv_nomonsters 1", "+movebob 0"]
-    return {"wad": find_wad(s.wad), "map": s.map, "screen_resolution": f"RES_{w}X{h}", "screen_format": "RGB24",
-            "render_hud": False, "render_minimal_hud": False, "render_weapon": False, "render_crosshair": False,
-            "render_messages": False, "render_screen_flashes": False, "render_decals": False,
-            "render_particles": False, "render_corpses": False, "window_visible": False,
-            "sound_enabled": False, "episode_timeout": 0, "game_args": args,
-            "buttons": ["MOVE_FORWARD_BACKWARD_DELTA", "MOVE_LEFT_RIGHT_DELTA", "TURN_LEFT_RIGHT_DELTA",
-                        "LOOK_UP_DOWN_DELTA"],
-            "game_variables": ["POSITION_X", "POSITION_Y", "POSITION_Z", "ANGLE", "PITCH"]}
-
-
-def make_game(s: RecordSettings):
-    import vizdoom as vzd
-
-    if abs(s.fov - ENGINE_FOV) > 1e-6:
-        raise ValueError(f"fov {s.fov}: ViZDoom 1.3.2 renders at {ENGINE_FOV} deg and ignores +fov; use --fov 90")
-    e = engine_settings(s)
-    cv2.setNumThreads(1)  # one engine process per core: OpenCV's thread pool would only contend
-    g = vzd.DoomGame()
-    g.set_doom_game_path(e["wad"])
-    g.set_doom_map(e["map"])
-    g.set_screen_resolution(getattr(vzd.ScreenResolution, e["screen_resolution"]))
-    g.set_screen_format(getattr(vzd.ScreenFormat, e["screen_format"]))
-    for key in ("render_hud", "render_minimal_hud", "render_weapon", "render_crosshair", "render_messages",
-                "render_screen_flashes", "render_decals", "render_particles", "render_corpses"):
-        getattr(g, f"set_{key}")(e[key])
-    g.set_window_visible(e["window_visible"])
-    g.set_sound_enabled(e["sound_enabled"])
-    g.set_episode_timeout(e["episode_timeout"])
-    for a in e["game_args"]:
-        g.add_game_args(a)
-    for b in e["buttons"]:
-        g.add_available_button(getattr(vzd.Button, b))
-    for v in e["game_variables"]:
-        g.add_available_game_variable(getattr(vzd.GameVariable, v))
-    g.set_mode(vzd.Mode.PLAYER)
-    g.init()
-    return g
-
-
-def _read(game, s: RecordSettings):
-    st = game.get_state()
-    x, y, z, yaw, pitch = st.game_variables
-    frame = cv2.resize(st.screen_buffer, (s.width, s.height), interpolation=cv2.INTER_AREA)
-    return frame, np.array([x, y, z, yaw, -pitch], dtype=np.float32)
-
-
 def run_episode(game, s: RecordSettings, seed: int, frames: int, actions=None, progress=None):
-    """One episode -> (frames uint8 (N,H,W,3), poses (N,5), actions (N,4)); N < frames if it ended."""
-    game.set_seed(seed)
-    game.new_episode()
-    # The first actions after new_episode are partly dropped by the engine: settle before recording.
-    for _ in range(2):
-        game.make_action([0.0] * 4, s.frame_skip)
+    """One episode -> (frames uint8 (N,H,W,3), poses (N,5), actions (N,4)); N < frames if it ended.
+    `game`: a DoomEngine, or a DoomGame from make_game(s) (driven through a DoomEngine)."""
+    engine = game if isinstance(game, DoomEngine) else DoomEngine(s, game=game)
+    engine.reset(seed=seed)
     policy = ExplorationPolicy(seed, turn_deg_per_frame=abs(ACTION_SCALE[2]) * s.frame_skip,
                                look_deg_per_frame=ACTION_SCALE[3] * s.frame_skip)
     out_f, out_p, out_a = [], [], []
     pose = None
     for i in range(frames):
         a = np.asarray(actions[i], dtype=np.float32) if actions is not None else policy.act(pose)
-        game.make_action((np.clip(a, -1, 1) * ACTION_SCALE).tolist(), s.frame_skip)
-        if game.is_episode_finished() or game.is_player_dead():
+        try:
+            frame, pose = engine.step(a)
+        except EpisodeEnded:
             break
-        frame, pose = _read(game, s)
         out_f.append(frame), out_p.append(pose), out_a.append(a)
         if progress is not None and i % 64 == 63:
             with progress.get_lock():
@@ -156,18 +74,18 @@ def run_episode(game, s: RecordSettings, seed: int, frames: int, actions=None, p
 def _worker(settings: RecordSettings, tasks: list[dict], results, progress) -> None:
     """One engine process: records its share of episodes, always closes the engine (a killed parent
     would otherwise leave orphaned vizdoom processes behind)."""
-    game = make_game(settings)
+    engine = DoomEngine(settings)
     try:
         for task in tasks:
-            results.put(_record_task(game, settings, task, progress))
+            results.put(_record_task(engine, settings, task, progress))
     except BaseException as e:  # report instead of hanging the parent on a missing result
         results.put({"error": f"{type(e).__name__}: {e}"})
     finally:
-        game.close()
+        engine.close()
 
 
-def _record_task(game, settings: RecordSettings, task: dict, progress) -> dict:
-    f, p, a = run_episode(game, settings, task["seed"], task["frames"], task.get("actions"), progress)
+def _record_task(engine: DoomEngine, settings: RecordSettings, task: dict, progress) -> dict:
+    f, p, a = run_episode(engine, settings, task["seed"], task["frames"], task.get("actions"), progress)
     info = write_episode(task["path"], f, p, a)
     info.update(split=task["split"], seed=task["seed"], index=task["index"])
     return {"info": info, "poses": p, "actions": a}
@@ -202,14 +120,14 @@ def record(out: str | Path, episodes: int, frames_per_episode: int, workers: int
     t0 = time.time()
     workers = max(1, min(workers, len(tasks)))
     if workers == 1:
-        game = make_game(s)
+        engine = DoomEngine(s)
         try:
             results = []
             for t in tasks:
-                results.append(_record_task(game, s, t, counter))
+                results.append(_record_task(engine, s, t, counter))
                 bar.update(counter.value - bar.n)
         finally:
-            game.close()
+            engine.close()
     else:
         queue = ctx.Queue()
         procs = [ctx.Process(target=_worker, args=(s, tasks[w::workers], queue, counter), daemon=True)
