@@ -60,7 +60,7 @@ def test_world_missing_and_corrupt_files_are_named(tiny_world_dir, tmp_path):
     with pytest.raises(WorldError, match="does not exist"):
         World.load(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(WorldError, match="lacks student.safetensors.*start_contexts.npz; reinstall"):
+    with pytest.raises(WorldError, match="lacks student.safetensors.*start_contexts.npz; build a world with"):
         World.load(tmp_path / "empty")
 
 

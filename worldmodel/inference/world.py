@@ -35,8 +35,8 @@ FORMAT_VERSION = 1
 DEFAULT_WORLD_DIR = Path(__file__).resolve().parent.parent / "weights"
 FILES = ("student.safetensors", "student.json", "autoencoder.safetensors", "autoencoder.json",
          "world.json", "action_model.json", "start_contexts.npz")
-_HOW_TO_GET = ("reinstall the package to restore the shipped weights, or export a trained run with "
-               "worldmodel.inference.world.save_world and pass its directory (--world DIR)")
+_HOW_TO_GET = ("build a world with `python -m worldmodel.build DATA_DIR --out RUN_DIR` and pass RUN_DIR/world "
+               "(--world DIR); if the package shipped weights, reinstall it to restore them")
 
 
 class WorldError(RuntimeError):
