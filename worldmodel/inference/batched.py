@@ -63,13 +63,4 @@ class BatchedGenerator(StreamingGenerator):
             fresh = self.cache
         finally:
             self.cache, self.generator, self._first, self._queue = shared, all_gens, first, queue
-        assert fresh.frames_visible == n_visible, (fresh.frames_visible, n_visible)
-        # Slots of the shared window in temporal order, token level (the order visible() reads them in).
-        N = shared.tokens_per_frame
-        slots = torch.tensor([shared._slot(f) for f in shared._visible_frames()])
-        tokens = (slots[:, None] * N + torch.arange(N)[None, :]).reshape(-1).to(self.device)
-        index = torch.tensor(rows, device=self.device)
-        for layer in range(shared.num_layers):
-            k, v, _ = fresh.visible(layer)  # (len(rows), heads, n_visible * N, hd) in temporal order
-            shared.k[layer][index[:, None], :, tokens[None, :]] = k.transpose(1, 2).to(shared.k[layer].dtype)
-            shared.v[layer][index[:, None], :, tokens[None, :]] = v.transpose(1, 2).to(shared.v[layer].dtype)
+        shared.copy_rows_from(rows, fresh)

@@ -190,5 +190,23 @@ class KVCache:
         self.frames_written += frames
         self._update_order()
 
+    def copy_rows_from(self, rows: list[int], source: "KVCache") -> None:
+        """Overwrite batch rows `rows` with every visible frame of `source` (a cache of len(rows) worlds
+        showing as many frames as this one), written into this cache's slots in temporal order."""
+        if source.batch_size != len(rows) or source.frames_visible != self.frames_visible:
+            raise ValueError(
+                f"KVCache.copy_rows_from: source holds {source.batch_size} worlds x {source.frames_visible} frames, "
+                f"need {len(rows)} x {self.frames_visible}"
+            )
+        N = self.tokens_per_frame
+        slots = torch.tensor([self._slot(f) for f in self._visible_frames()])
+        tokens = (slots[:, None] * N + torch.arange(N)[None, :]).reshape(-1).to(self.device)
+        index = torch.tensor(rows, device=self.device)
+        for layer in range(self.num_layers):
+            k, v, _ = source.visible(layer)  # (len(rows), heads, n*N, hd) in temporal order
+            self.k[layer][index[:, None], :, tokens[None, :]] = k.transpose(1, 2).to(self.k[layer].dtype)
+            self.v[layer][index[:, None], :, tokens[None, :]] = v.transpose(1, 2).to(self.v[layer].dtype)
+        self._staged = {}  # the buffers changed under any memoised window
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
