@@ -69,3 +69,20 @@ def dit_checkpoint(path, cfg, model: WorldDiT, pose_stats, stage: str):
 
     return save_weights(path, model, {"config": cfg.to_dict(), "stage": stage, "step": 0, "pose_stats": pose_stats},
                         dtype=None)
+
+
+def stage_run_files(root, teacher_stage: str):
+    """Tiny synthetic data dir + autoencoder + a random DiT saved as `teacher_stage`'s export, under root:
+    what the distillation stages load through the registry. -> (data_dir, pose_stats, ae_path, teacher_path)."""
+    from pathlib import Path
+
+    from data_tools.shards import read_manifest
+    from synthetic import make_autoencoder_checkpoint, make_data_dir
+
+    root = Path(root)
+    d = make_data_dir(root / "data", episodes=3, heldout=1, frames=24)
+    stats = read_manifest(d)["pose_stats"]
+    cfg = tiny()
+    ae = make_autoencoder_checkpoint(root / "autoencoder", cfg, stats)
+    teacher = dit_checkpoint(root / teacher_stage, cfg, random_dit(cfg, seed=4), stats, teacher_stage)
+    return d, stats, ae, teacher

@@ -2,14 +2,11 @@
 network as specified (one teacher-forced teacher pass, guidance = a second null-pose pass); the loss
 goes down on a toy problem; the stage state round-trips through the loop's checkpoint."""
 
-import copy
-
 import pytest
 import torch
 
-from distill_toys import GaussianDenoiser, dit_checkpoint, latent_batch, random_dit, tiny
-from synthetic import make_autoencoder_checkpoint, make_data_dir
-from data_tools.shards import ClipDataset, read_manifest
+from distill_toys import GaussianDenoiser, latent_batch, random_dit, stage_run_files, tiny
+from data_tools.shards import ClipDataset
 from worldmodel.diffusion.flow import add_noise, sigma_grid
 from worldmodel.training.causal_cd import CausalCDStage, causal_cd_loss, consistency_target, draw_pairs
 from worldmodel.training.loop import train
@@ -104,13 +101,7 @@ def test_loss_decreases_on_gaussian_toy():
 
 @pytest.fixture(scope="module")
 def run_files(tmp_path_factory):
-    d = make_data_dir(tmp_path_factory.mktemp("data"), episodes=3, heldout=1, frames=24)
-    stats = read_manifest(d)["pose_stats"]
-    cfg = tiny()
-    root = tmp_path_factory.mktemp("ckpt")
-    ae = make_autoencoder_checkpoint(root / "autoencoder", cfg, stats)
-    ar = dit_checkpoint(root / "ar_diffusion", cfg, random_dit(cfg, seed=4), stats, "ar_diffusion")
-    return d, stats, ae, ar
+    return stage_run_files(tmp_path_factory.mktemp("run"), "ar_diffusion")
 
 
 def test_state_round_trips_through_loop(run_files, tmp_path):

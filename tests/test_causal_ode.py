@@ -1,12 +1,10 @@
 """Causal ODE: the stored states are the Euler sampler's; bytes and time are reported; generation is
 resumable from disk; the regression loss decreases; the stage round-trips through the loop."""
 
-import pytest
 import torch
 
-from distill_toys import dit_checkpoint, latent_batch, random_dit, tiny
-from synthetic import make_autoencoder_checkpoint, make_data_dir
-from data_tools.shards import ClipDataset, read_manifest
+from distill_toys import latent_batch, random_dit, stage_run_files, tiny
+from data_tools.shards import ClipDataset
 from worldmodel.checkpoint import load_training_state
 from worldmodel.diffusion.flow import euler_sample, step_sigmas
 from worldmodel.training.causal_ode import CausalODEStage, float_sigma_fn, ode_path
@@ -76,11 +74,7 @@ def test_regression_loss_decreases(tmp_path):
 
 
 def test_state_round_trips_through_loop(tmp_path_factory, tmp_path):
-    d = make_data_dir(tmp_path_factory.mktemp("data"), episodes=3, heldout=1, frames=24)
-    stats = read_manifest(d)["pose_stats"]
-    cfg = tiny()
-    ae = make_autoencoder_checkpoint(tmp_path / "autoencoder", cfg, stats)
-    ar = dit_checkpoint(tmp_path / "ar_diffusion", cfg, random_dit(cfg, seed=4), stats, "ar_diffusion")
+    d, stats, ae, ar = stage_run_files(tmp_path_factory.mktemp("run"), "ar_diffusion")
 
     def config(run):
         return tiny(f"stage.autoencoder={ae}", f"stage.teacher={ar}", "stage.steps=5", "stage.ode_samples=8",

@@ -6,9 +6,8 @@ import copy
 import pytest
 import torch
 
-from data_tools.shards import ClipDataset, read_manifest
-from distill_toys import GaussianDenoiser, dit_checkpoint, gaussian_x0, latent_batch, random_dit, tiny
-from synthetic import make_autoencoder_checkpoint, make_data_dir
+from data_tools.shards import ClipDataset
+from distill_toys import GaussianDenoiser, dit_checkpoint, gaussian_x0, latent_batch, random_dit, stage_run_files, tiny
 from worldmodel.diffusion.flow import add_noise, step_sigmas
 from worldmodel.inference.generator import StreamingGenerator
 from worldmodel.training.dmd import DMDStage, dmd_generator_loss, dmd_gradient
@@ -175,11 +174,8 @@ def test_generator_training_moves_student_toward_teacher():
 
 def test_state_round_trips_through_loop(tmp_path_factory, tmp_path):
     """4 steps straight == 2 steps, checkpoint, resume, 2 steps: generator, critic, EMA, both optimisers."""
-    d = make_data_dir(tmp_path_factory.mktemp("data"), episodes=3, heldout=1, frames=24)
-    stats = read_manifest(d)["pose_stats"]
+    d, stats, ae, teacher = stage_run_files(tmp_path_factory.mktemp("run"), "teacher")
     cfg = tiny()
-    ae = make_autoencoder_checkpoint(tmp_path / "autoencoder", cfg, stats)
-    teacher = dit_checkpoint(tmp_path / "teacher", cfg, random_dit(cfg, seed=4), stats, "teacher")
     student = dit_checkpoint(tmp_path / "causal_cd", cfg, random_dit(cfg, seed=5), stats, "causal_cd")
     cfg = tiny(f"stage.autoencoder={ae}", f"stage.teacher={teacher}", f"stage.init={student}", "stage.steps=4",
                "stage.checkpoint_every=100", "stage.critic_steps=2", "generator.steps=2", "stage.student_steps=2")
