@@ -43,7 +43,7 @@ from worldmodel.config import RunConfig, load_config
 from worldmodel.diffusion.flow import sigma_grid
 from worldmodel.eval import WindowedEulerGenerator, write_report
 from worldmodel.inference.generator import StreamingGenerator
-from worldmodel.inference.world import default_dtype
+from worldmodel.inference.world import default_dtype, resolve_dtype
 from worldmodel.models.autoencoder import Autoencoder
 from worldmodel.models.dit import DIT_SIZES, WorldDiT
 
@@ -52,7 +52,6 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.y
 SAMPLERS: dict[str, tuple[int, int] | None] = {
     "frame-1": (1, 1), "frame-2": (2, 1), "frame-4": (4, 1), "chunk3-4": (4, 3), "teacher": None,
 }
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 POSE_STATS = {"mean": [0.0] * 5, "std": [1.0] * 5}
 NOTE = "random weights: speed does not depend on the weight values"
 
@@ -274,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                 epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="run config (YAML) whose architecture is measured")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
                    help="default: worldmodel.inference.world.default_dtype(device) (fp32 on AVX2-only CPUs)")
     p.add_argument("--sizes", nargs="+", default=["config"], choices=["config", *DIT_SIZES],
                    help="DiT sizes (worldmodel.models.dit.DIT_SIZES); 'config' = the config's dit section")
@@ -295,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
-    dtype = DTYPES[a.dtype] if a.dtype else default_dtype(device)
+    dtype = resolve_dtype(a.dtype) or default_dtype(device)
     batches = a.batches or ([1, 8, 64, 256] if device.type == "cuda" else [1, 8])
     teacher_batches = a.teacher_batches or (batches if device.type == "cuda" else [1])
     report = run(load_config(a.config), device=device, dtype=dtype, sizes=a.sizes,

@@ -23,20 +23,10 @@ from envs.rewards import RewardFn
 from worldmodel.inference.world import World, default_device
 
 ACTION_TYPES = ("keyboard", "camera")
-_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
-           "float16": torch.float16, "fp16": torch.float16}
 
 
 def resolve_world(world: str | Path | World | None) -> World:
     return world if isinstance(world, World) else World.load(world)
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
-    return _DTYPES[dtype]
 
 
 def action_space(action_type: str, pitch: bool = True) -> spaces.Space:
@@ -90,7 +80,7 @@ class WorldBatch:
         self.world = world
         self.num = num_worlds
         self.device = torch.device(device) if device is not None else default_device()
-        self.generator = world.generator(num_worlds, steps=steps, device=self.device, dtype=resolve_dtype(dtype))
+        self.generator = world.generator(num_worlds, steps=steps, device=self.device, dtype=dtype)
         # One reward object per world: rewards like "explore" keep episode state.
         self.rewards = [copy.deepcopy(reward_fn) for _ in range(num_worlds)]
         h, w, _ = world.frame_shape

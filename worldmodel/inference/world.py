@@ -62,6 +62,19 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
     return torch.float32
 
 
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A dtype from its name ("bf16", "float32", ...); None stays None (default_dtype decides later)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
 @dataclass
 class World:
     path: Path
@@ -125,15 +138,15 @@ class World:
         batch_size: int,
         steps: int | None = None,
         device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: str | torch.dtype | None = None,
     ) -> BatchedGenerator:
         """A StreamingGenerator (with per-world noise and reset_rows) for `batch_size` worlds; `steps`
         overrides the shipped denoising steps; device default cuda if available, dtype default
-        default_dtype(device) (bf16 where the hardware runs it fast, else fp32)."""
+        default_dtype(device) (bf16 where the hardware runs it fast, else fp32); a dtype or its name."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         device = torch.device(device) if device is not None else default_device()
-        dtype = dtype or default_dtype(device)
+        dtype = resolve_dtype(dtype) or default_dtype(device)
         gen_cfg = self.config.generator
         if steps is not None:
             if steps not in (1, 2, 4):
