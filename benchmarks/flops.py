@@ -39,13 +39,18 @@ class Cost:
         return max(self.flops / peak_flops, self.bytes / bandwidth)
 
 
+def _patch_in(cfg: DiTConfig) -> int:
+    """Inputs of the patch embedding per token: the frame's patch (and its previous frame's, prev_frame_input)."""
+    return cfg.latent_channels * cfg.patch_size**2 * (2 if cfg.prev_frame_input else 1)
+
+
 def dit_params(cfg: DiTConfig) -> int:
     D, cpp, hidden = cfg.dim, cfg.latent_channels * cfg.patch_size**2, int(cfg.dim * cfg.mlp_ratio)
     lin = lambda i, o: i * o + o  # noqa: E731  weight + bias
     block = lin(D, 3 * D) + lin(D, D) + lin(D, hidden) + lin(hidden, D) + lin(D, 6 * D)
     if cfg.qk_norm:
         block += 2 * (D // cfg.heads)  # RMSNorm weights of q and k
-    embed = lin(cpp, D) + lin(FREQ_DIM, D) + lin(D, D) + lin(cfg.pose_dim, D) + lin(D, D) + D  # + null pose
+    embed = lin(_patch_in(cfg), D) + lin(FREQ_DIM, D) + lin(D, D) + lin(cfg.pose_dim, D) + lin(D, D) + D  # + null pose
     return embed + cfg.depth * block + lin(D, 2 * D) + lin(D, cpp)
 
 
@@ -58,7 +63,7 @@ def dit_call(cfg: DiTConfig, batch: int, frames: int, visible_frames: int, bytes
     rows = batch * frames  # one conditioning vector per frame
     tokens = rows * N
     keys = (visible_frames + frames) * N  # per world
-    per_token = 2 * (cpp * D + D * cpp) + cfg.depth * 2 * (3 * D * D + D * D + 2 * D * hidden)
+    per_token = 2 * (_patch_in(cfg) * D + D * cpp) + cfg.depth * 2 * (3 * D * D + D * D + 2 * D * hidden)
     per_row = 2 * (FREQ_DIM * D + D * D + cfg.pose_dim * D + D * D) + cfg.depth * 2 * 6 * D * D + 2 * 2 * D * D
     attn = cfg.depth * 2 * 2 * tokens * keys * D  # Q K^T and A V over all heads (heads * head_dim = D)
     flops = tokens * per_token + rows * per_row + attn

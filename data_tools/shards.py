@@ -13,6 +13,7 @@ silently skipped.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -143,8 +144,12 @@ class ClipDataset(Dataset):
     episode boundary. All files of the split are checksummed at construction so a corrupt shard
     fails at start, not hours into training; each episode is then loaded on first use and kept.
     With DataLoader workers, call `preload()` first: forked workers then share the arrays
-    copy-on-write instead of each loading its own copy.
+    copy-on-write instead of each loading its own copy. `without_frames()` is the same clips without
+    their frames (for training on latents encoded once up front: training.batches.LatentTable).
     """
+
+    with_frames: bool = True
+    """Items carry "frames"; False in a `without_frames()` view (which then never keeps frames in RAM)."""
 
     def __init__(self, data_dir: str | Path, clip_frames: int, split: str = "train", stride: int = 1,
                  verify: bool = True):
@@ -179,6 +184,8 @@ class ClipDataset(Dataset):
             # Checksummed at construction; reading it again here would double the start-up I/O.
             arrays = load_episode(self.data_dir, self.manifest["episodes"][i], self.manifest, verify=False)
             arrays["deltas"] = pose_deltas(arrays["poses"])
+            if not self.with_frames:
+                del arrays["frames"]
             self._cache[i] = arrays
         return self._cache[i]
 
@@ -186,14 +193,23 @@ class ClipDataset(Dataset):
         for i in self.episode_ids:
             self.episode(i)
 
+    def without_frames(self) -> "ClipDataset":
+        """The same clips (same order, same windows) whose items have no "frames": what a DataLoader
+        ships when every frame's latent is on the device already. Episodes loaded so far are shared
+        without their frames, so forked workers never copy or load frames."""
+        view = copy.copy(self)
+        view.with_frames = False
+        view._cache = {i: {k: v for k, v in arrays.items() if k != "frames"} for i, arrays in self._cache.items()}
+        return view
+
     def __getitem__(self, idx: int) -> dict:
         i, s = (int(v) for v in self.windows[idx])
         ep = self.episode(i)
         sl = slice(s, s + self.clip_frames)
-        return {"frames": torch.from_numpy(ep["frames"][sl].copy()),
-                "deltas": torch.from_numpy(ep["deltas"][sl].copy()),
-                "actions": torch.from_numpy(ep["actions"][sl].copy()),
-                "episode": i, "start": s}
+        item = {"frames": torch.from_numpy(ep["frames"][sl].copy())} if self.with_frames else {}
+        return item | {"deltas": torch.from_numpy(ep["deltas"][sl].copy()),
+                       "actions": torch.from_numpy(ep["actions"][sl].copy()),
+                       "episode": i, "start": s}
 
 
 class ResumableSampler(Sampler):

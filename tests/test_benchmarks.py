@@ -21,7 +21,8 @@ from worldmodel.models.autoencoder import Autoencoder
 from worldmodel.models.dit import WorldDiT
 
 # dim 8, one layer, 2 heads, latents 4x4x4, patch 2 -> N = 4 tokens of 16 values, MLP hidden 32.
-HAND_DIT = DiTConfig(latent_channels=4, latent_height=4, latent_width=4, patch_size=2, dim=8, depth=1, heads=2)
+HAND_DIT = DiTConfig(latent_channels=4, latent_height=4, latent_width=4, patch_size=2, dim=8, depth=1, heads=2,
+                     prev_frame_input=False)
 # decoder widths [16, 16, 8, 4]: 2x2 latents -> 16x16 frames in the hand count, 4x4 -> 32x32 with HAND_DIT.
 HAND_AE = AutoencoderConfig(latent_channels=4, base_channels=4, blocks_per_level=1, decoder_base_channels=4)
 STATS = {"mean": [0.0] * 5, "std": [1.0] * 5}
@@ -49,6 +50,10 @@ def test_dit_counts_match_a_hand_count():
     # weights once + cached K and V read (1 layer * 2 * 2 frames * 4 tokens * 8), fp32.
     assert cost.bytes == 4 * (3960 + 128)
     assert dit_call(HAND_DIT, 1, 1, 2, 4, write=True).bytes == cost.bytes + 4 * 2 * 4 * 8
+    # With the previous frame's patch beside each patch the embedding reads 32 inputs: +128 params, +256 FLOPs/token.
+    with_prev = dataclasses.replace(HAND_DIT, prev_frame_input=True)
+    assert dit_params(with_prev) == WorldDiT(with_prev).num_params() == 3960 + 128
+    assert dit_call(with_prev, 1, 1, 2, 4).flops == cost.flops + 4 * 256
 
 
 def test_decoder_counts_match_a_hand_count():

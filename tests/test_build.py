@@ -204,3 +204,42 @@ def test_rerecorded_data_passes_and_exports_check_without_ledger(built, data, tm
         build(again, run, opts(*args))
     summary = build(data, run, opts(*args))
     assert summary["ran"] == [] and summary["complete"] and summary["stages"]["dmd"].step == 2
+
+
+def test_stage_time_limit_counts_as_done_and_a_higher_limit_continues(data, tmp_path, monkeypatch):
+    """stage.time_limit caps a stage over calls: it stops near the limit, counts as done (the next stage runs in
+    the same call), a second call skips it, and a higher limit resumes it."""
+    import worldmodel.build
+
+    monkeypatch.setattr(worldmodel.build, "MIN_STAGE_SECONDS", 0.3)  # what is left of a limit is worth a start
+    run = tmp_path / "run"
+    two = ("autoencoder", "teacher")
+    capped = ("autoencoder.stage.steps=100000", "autoencoder.stage.time_limit=1", "teacher.stage.steps=2")
+    first = build(data, run, opts(*capped, stages=two))
+    ae, teacher = first["ran"]
+    assert ae["stopped"] == "time_limit" and teacher["stopped"] == "done" and first["complete"]
+    status = first["stages"]["autoencoder"]
+    assert status.mode == "done" and 0 < status.step < 100000 and 0.4 < status.gpu_seconds <= 1 + 0.5
+    assert Ledger(run).entry("autoencoder")["time_limit_reached"] == 1
+    assert build(data, run, opts(*capped, stages=two))["ran"] == []  # the same limit: nothing to do
+    assert build(data, run, opts(*capped, "autoencoder.stage.time_limit=0.5", stages=two))["ran"] == []  # lower
+    # Higher: what is left (> MIN_STAGE_SECONDS) continues the stage from its state.pt.
+    higher = build(data, run, opts(*capped[:1], "autoencoder.stage.time_limit=2", "teacher.stage.steps=2",
+                                   stages=two))
+    (more,) = higher["ran"]
+    assert more["mode"] == "resume" and more["stopped"] == "time_limit" and more["trained_steps"] > 0
+    assert status.gpu_seconds + 0.3 < higher["stages"]["autoencoder"].gpu_seconds <= 2 + 0.5
+
+
+def test_no_package_trains_only_and_a_later_call_packages_without_training(data, tmp_path):
+    """--no-package (the GPU lease) leaves no world; the next call (the CPU, same data) packages it as is."""
+    run = tmp_path / "run"
+    few = ("stage.steps=2", "dmd.stage.critic_steps=1")
+    first = build(data, run, opts(*few, package=False))
+    assert first["complete"] and first["world"] is None and not (run / "world").exists()
+    steps = {n: s.step for n, s in first["stages"].items()}
+    second = build(data, run, opts(*few))
+    assert second["ran"] == [] and second["world"] == str(run / "world")
+    assert {n: s.step for n, s in second["stages"].items()} == steps
+    assert (run / "world" / "world.json").is_file()
+    assert parse_args(["d", "--out", "r", "--no-package"]).no_package

@@ -5,15 +5,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from worldmodel.models.dit import DIT_SIZES, WorldDiT, apply_rope, dit_config
+from worldmodel.models.dit import DIT_SIZES, WorldDiT, apply_rope, dit_config, previous_frames
 
 B, C, H, W = 2, 4, 4, 6  # tiny latents: 2x3 = 6 tokens per frame
 
 
 
-def make_model(depth: int = 2, seed: int = 0) -> WorldDiT:
+def make_model(depth: int = 2, seed: int = 0, prev_frame_input: bool = True) -> WorldDiT:
     torch.manual_seed(seed)
-    model = WorldDiT(dit_config("tiny", depth=depth, latent_channels=C, latent_height=H, latent_width=W)).eval()
+    model = WorldDiT(dit_config("tiny", depth=depth, latent_channels=C, latent_height=H, latent_width=W,
+                                prev_frame_input=prev_frame_input)).eval()
     # adaLN-Zero makes a fresh network output exactly 0; give the zero-initialised weights values so that
     # every comparison below is between non-trivial functions.
     with torch.no_grad():
@@ -81,7 +82,8 @@ def reference_window_rollout(model, x, sigma, pose, block, cache_frames, sinks):
             return attend
 
         sl = slice(start, start + tb)
-        outs.append(model.forward_with(x[:, sl], sigma[:, sl], pose[:, sl], None, make_attend))
+        prev = previous_frames(x[:, sl], x[:, start - 1] if start else None)  # the true previous frame
+        outs.append(model.forward_with(x[:, sl], sigma[:, sl], pose[:, sl], None, make_attend, prev))
         for layer, (k, v) in fresh.items():
             kv[layer] += [(k[:, :, i * N : (i + 1) * N], v[:, :, i * N : (i + 1) * N]) for i in range(tb)]
     return torch.cat(outs, 1)
@@ -112,7 +114,8 @@ def test_rollout_longer_than_cache_matches_windowed_reference(block, cache_frame
 def test_one_layer_window_equals_public_bidirectional_forward(block):
     # With one layer a frame's keys/values depend only on its own input, so each streamed block must equal
     # a plain forward over [sinks, recent frames, block] (the window re-indexed from position 0) read at the block.
-    model = make_model(depth=1)
+    # Without the previous-frame input: the re-indexed window would give its frames other predecessors.
+    model = make_model(depth=1, prev_frame_input=False)
     cache_frames, sinks, T = 5, 1, 7 * block
     x, sigma, pose = inputs(T, seed=4)
     cache = model.new_cache(B, cache_frames, sinks, "cpu", torch.float32)
@@ -189,3 +192,28 @@ def test_bad_shapes_raise_clear_errors():
         model(x, sigma, pose[..., :4])
     with pytest.raises(ValueError, match="mode"):
         model(x, sigma, pose, mode="sideways")
+
+
+@pytest.mark.parametrize("block", [1, 3])
+def test_previous_frame_input_reaches_the_next_block_through_the_cache(block):
+    """With prev_frame_input a frame depends on its predecessor's input directly; streaming gets that frame
+    from the cache (last written block), teacher forcing from the clean copy, both equal to the causal forward."""
+    model = make_model(depth=1)
+    T = 2 * block
+    x, sigma, pose = inputs(T, seed=9)
+    x2 = x.clone()
+    x2[:, block - 1] += 1.0  # change only the frame before the second block
+    with torch.no_grad():
+        # The second block sees frame block-1 through attention and through prev; with the cache's keys and
+        # values kept (written from x), swapping only last_frame changes only prev.
+        cache = model.new_cache(B, 8, 1, "cpu", torch.float32)
+        model.forward_cached(x[:, :block], sigma[:, :block], pose[:, :block], cache, write=True)
+        torch.testing.assert_close(cache.last_frame, x[:, block - 1])
+        a = model.forward_cached(x[:, block:], sigma[:, block:], pose[:, block:], cache, write=False)
+        cache.last_frame = x2[:, block - 1].clone()
+        b = model.forward_cached(x[:, block:], sigma[:, block:], pose[:, block:], cache, write=False)
+    assert (a[:, 0] - b[:, 0]).abs().max() > 1e-3  # the block's first frame reads the previous frame
+    no_prev = make_model(depth=1, prev_frame_input=False)
+    assert no_prev.patch_embed.in_features * 2 == model.patch_embed.in_features
+    with pytest.raises(ValueError, match="prev"):
+        model.forward_with(x, sigma, pose, None, lambda layer: None)

@@ -138,7 +138,7 @@ def test_full_step_critic_ratio_and_frozen_teacher():
     n_gen, n_crit = count_steps(stage.optimizers["generator"]), count_steps(stage.optimizers["critic"])
     logs = stage.step(latent_batch(cfg), 0)
     assert (n_gen[0], n_crit[0]) == (1, 3) and logs["critic_updates"] == 3
-    assert all(torch.isfinite(torch.tensor(v)) for v in logs.values()), logs
+    assert all(torch.isfinite(torch.as_tensor(v)) for v in logs.values()), logs
     assert all(torch.equal(t0[k], v) for k, v in teacher.state_dict().items())
     assert any(not torch.equal(c0[k], v) for k, v in stage.critic.state_dict().items())
     assert any(not torch.equal(g0[k], v) for k, v in stage.online.state_dict().items())

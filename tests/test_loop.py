@@ -1,6 +1,7 @@
 """The training loop: exact resume, time budget, lr schedule, logs, the CLI."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -9,7 +10,8 @@ from data_tools.shards import ClipDataset, read_manifest
 from synthetic import make_autoencoder_checkpoint, make_data_dir, tiny_config
 from worldmodel.checkpoint import load_training_state, read_meta
 from worldmodel.train import main as train_main
-from worldmodel.training.loop import lr_factor, set_lr, train
+from worldmodel.training import loop
+from worldmodel.training.loop import BUDGET_CHECK_STEPS, BudgetClock, MetricSums, lr_factor, set_lr, train
 from worldmodel.training.registry import build_stage
 
 
@@ -101,3 +103,27 @@ def test_cli_help_explains_stages(capsys):
     out = capsys.readouterr().out
     for name in ("autoencoder", "teacher", "ar_diffusion", "causal_cd", "causal_ode", "dmd", "--time-budget"):
         assert name in out
+
+
+def test_budget_clock_synchronises_every_few_steps_and_stops_in_time(monkeypatch):
+    syncs = []
+    monkeypatch.setattr(loop, "synchronize", lambda device: syncs.append(1))
+    clock = BudgetClock(100.0, time.time(), torch.device("cpu"))
+    assert not any(clock.over(step, save_margin=0.0) for step in range(50))  # instant steps, far from the end
+    assert len(syncs) <= 2 + 50 // BUDGET_CHECK_STEPS
+    t0 = time.time()
+    clock, step = BudgetClock(0.3, t0, torch.device("cpu")), 0
+    while not clock.over(step, save_margin=0.05):
+        time.sleep(0.01)  # a 10 ms step
+        step += 1
+    assert 0.15 < time.time() - t0 <= 0.3 and step > 5  # stopped within the budget
+
+
+def test_metric_sums_stay_tensors_until_the_log_line():
+    sums = MetricSums()
+    sums.add({"loss": torch.tensor(1.0), "n": 2.0})
+    sums.add({"loss": torch.tensor(3.0), "n": 4.0, "late": torch.tensor(6.0)})  # a key only some steps have
+    assert all(torch.is_tensor(v) for v in sums.values["loss"])
+    assert sums.means() == {"loss": 2.0, "n": 3.0, "late": 3.0}
+    sums.reset()
+    assert sums.count == 0 and sums.means() == {}

@@ -1,5 +1,7 @@
 """Stages 0-2 learn on the synthetic world; the batcher and noise-level draws do what they say."""
 
+import json
+
 import pytest
 import torch
 
@@ -69,8 +71,6 @@ def test_autoencoder_learns_and_sets_latent_scale(data, tmp_path):
     stage = build_stage("autoencoder", cfg, "cpu", stats)
     summary = train(stage, ClipDataset(d, cfg.data.clip_frames), cfg, tmp_path)
     lines = [l for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    import json
-
     first, last = json.loads(lines[0]), json.loads(lines[-1])
     assert last["loss"] < 0.5 * first["loss"] and last["psnr"] > first["psnr"] + 5
     assert summary["metrics"]["psnr"] > 16
@@ -107,14 +107,52 @@ def test_ar_diffusion_needs_init(data, ae_ckpt):
         build_stage("teacher", tiny_config(), "cpu", data[1])
 
 
-def test_latent_cache_equals_encoding(data, ae_ckpt):
+def test_latent_table_equals_per_batch_encoding(data, ae_ckpt):
+    """The table (every frame encoded once) gives the latents encode_frames gives each batch, and the
+    frames-free view the DataLoader then reads holds the same clips."""
     d, stats = data
     cfg = tiny_config()
     ae = build_stage("teacher", tiny_config(f"stage.autoencoder={ae_ckpt}"), "cpu", stats).batcher.autoencoder
-    plain, cached = (LatentBatcher(ae, stats, "cpu", cache=c) for c in (False, True))
+    plain, table = LatentBatcher(ae, stats, "cpu"), LatentBatcher(ae, stats, "cpu", table=True)
     ds = ClipDataset(d, cfg.data.clip_frames)
-    for rows in ([0, 1, 2, 30], [1, 2, 3, 31], [5, 0, 40, 2]):  # overlapping clips: partly cached
-        b = {k: (torch.stack([ds[i][k] for i in rows]) if k in ("frames", "deltas") else torch.tensor([ds[i][k] for i in rows]))
-             for k in ("frames", "deltas", "episode", "start")}
-        torch.testing.assert_close(cached(b)["x0"], plain(b)["x0"], atol=1e-5, rtol=1e-5)
-    assert len(cached.cache.rows) < 3 * 4 * cfg.data.clip_frames  # overlapping frames encoded once
+    view = table.bind(ds, progress=False)
+    assert len(view) == len(ds) and table.table.latents.shape == (2 * 40, 4, 4, 6)  # 2 train episodes of 40
+    assert "frames" not in view[0] and "frames" in ds[0]  # the view is another object: ds keeps its frames
+    for rows in ([0, 1, 2, 30], [5, 0, 40, 2], [36, 37, 72, 73]):  # both episodes, overlapping, last clips
+        raw = collate([ds[i] for i in rows])
+        positions = collate([view[i] for i in rows])
+        assert set(positions) == {"deltas", "actions", "episode", "start"}
+        a, b = table(positions), plain(raw)
+        torch.testing.assert_close(a["x0"], b["x0"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a["pose"], b["pose"], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="no latent table is bound"):
+        plain(positions)
+
+
+def collate(items):
+    """What the DataLoader's default collate makes of these items."""
+    return {k: torch.stack([it[k] for it in items]) if torch.is_tensor(items[0][k])
+            else torch.tensor([it[k] for it in items]) for k in items[0]}
+
+
+@pytest.mark.parametrize("name", ["teacher", "causal_cd"])
+def test_latent_stage_losses_equal_with_and_without_table(name, data, ae_ckpt, tmp_path):
+    """The same run with the latent table (default) and with per-batch encoding logs the same losses."""
+    from distill_toys import dit_checkpoint, random_dit
+
+    d, stats = data
+    over = [f"stage.autoencoder={ae_ckpt}", "stage.steps=4", "stage.log_every=1", "stage.checkpoint_every=100"]
+    if name == "causal_cd":
+        ar = dit_checkpoint(tmp_path / "ar", tiny_config(), random_dit(tiny_config(), seed=1), stats, "ar_diffusion")
+        over.append(f"stage.teacher={ar}")
+    logged = {}
+    for cache in (True, False):
+        cfg = tiny_config(*over, f"stage.cache_latents={str(cache).lower()}")
+        torch.manual_seed(cfg.seed)
+        train(build_stage(name, cfg, "cpu", stats), ClipDataset(d, cfg.data.clip_frames), cfg, tmp_path / str(cache))
+        lines = (tmp_path / str(cache) / "metrics.jsonl").read_text().splitlines()
+        logged[cache] = [json.loads(line) for line in lines]
+    assert [r["step"] for r in logged[True]] == [1, 2, 3, 4]
+    for a, b in zip(logged[True], logged[False]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4, abs=1e-7)

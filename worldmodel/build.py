@@ -10,7 +10,10 @@ request) in RUN_DIR/<stage>/, each wired to the exports of the stages before it,
 training loop. A stage whose step reached its stage.steps is skipped; one with a state.pt resumes exactly;
 one with only its bf16 export restarts from those weights with a fresh optimiser. One --time-budget covers
 the whole call: each stage gets what is left, and the call stops cleanly with checkpoints when it runs
-out; the next call continues. When every stage is done: fits the action model, picks start contexts,
+out; the next call continues. A stage's own stage.time_limit (seconds of training over all its calls,
+e.g. in the plan: `teacher: {stage: {steps: 100000, time_limit: 300}}`) caps it: when reached, the stage
+counts as done (not a stop of the call) and the next one starts in the same call; a later call with a
+higher limit continues it. When every stage is done: fits the action model, picks start contexts,
 evaluates the student on held-out episodes and packages RUN_DIR/world/ (play.py --world RUN_DIR/world),
 then writes RUN_DIR/report.md with a loss-curve and a sample-strip PNG.
 
@@ -67,6 +70,8 @@ class BuildOptions:
     starts: int = 8
     """Start contexts packaged with the world."""
     split_mb: float | None = None
+    package: bool = True
+    """False: train only (e.g. on a lent GPU); a later call on any machine with the data packages the world."""
     """Also write every .safetensors over this size as NAME.safetensors.partNNN pieces (for transport)."""
 
 
@@ -151,7 +156,8 @@ def load_exported(stage, path: Path, cfg: RunConfig) -> None:
 
 def run_stage(name: str, cfg: RunConfig, status: StageStatus, data_dir: Path, run_dir: Path, ledger: Ledger,
               pose_stats: dict, device: str, budget: float | None, datasets: dict) -> dict[str, Any]:
-    """Train one stage (fresh, resumed or warm) within `budget` seconds; returns what happened."""
+    """Train one stage (fresh, resumed or warm) within `budget` seconds and what is left of its own
+    stage.time_limit; returns what happened ("stopped": done | time_budget | time_limit | max_steps)."""
     t0 = time.time()
     mode = status.mode
     seg = ledger.start_segment(name, run_dir, status) if mode in ("fresh", "warm") else ledger.segment(name, run_dir)
@@ -173,18 +179,24 @@ def run_stage(name: str, cfg: RunConfig, status: StageStatus, data_dir: Path, ru
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     left = None if budget is None else budget - (time.time() - t0)
-    summary = train(stage, datasets[key], run_cfg, run_dir / name, time_budget=left, resume=mode == "resume",
-                    device=device)
-    del stage  # its networks and latent cache; the next stage gets the memory
+    # The stage's own limit counts the loop's seconds (its gpu_seconds), which start inside train().
+    by_limit = status.time_left is not None and (left is None or status.time_left <= left)
+    summary = train(stage, datasets[key], run_cfg, run_dir / name, time_budget=status.time_left if by_limit else left,
+                    resume=mode == "resume", device=device)
+    stopped = summary["stopped"]
+    if stopped == "time_budget" and by_limit:  # done at this limit: a later call skips it unless the limit rises
+        stopped = "time_limit"
+        ledger.entry(name)["time_limit_reached"] = cfg.stage.time_limit
+    del stage  # its networks and latent table; the next stage gets the memory
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
     seg["peak_mem"] = max(int(seg.get("peak_mem", 0)), int(summary["peak_mem"]))
     ledger.save()
     after = ledger.status(name, cfg, run_dir)
     metrics = ", ".join(f"{k}={v:.4g}" for k, v in list(summary["metrics"].items())[:4])
-    log(f"{name}: step {after.step}/{after.target} ({summary['stopped']}), {after.gpu_seconds:.0f} GPU-s, "
+    log(f"{name}: step {after.step}/{after.target} ({stopped}), {after.gpu_seconds:.0f} GPU-s, "
         f"peak {after.peak_mem / 2**30:.2f} GiB; {metrics}")
-    return {"stage": name, "mode": mode, "stopped": summary["stopped"], "trained_steps": after.step - status.step,
+    return {"stage": name, "mode": mode, "stopped": stopped, "trained_steps": after.step - status.step,
             "seconds": time.time() - t0}
 
 
@@ -262,9 +274,15 @@ def build(data_dir: str | Path, run_dir: str | Path, opts: BuildOptions | None =
     ran, datasets, complete = [], {}, True
     for i, name in enumerate(stages):
         status = ledger.status(name, cfgs[name], run_dir)
+        if status.mode != "done" and status.has_weights and status.time_left is not None \
+                and status.time_left < MIN_STAGE_SECONDS:  # what is left of its limit would not fit a step
+            ledger.entry(name)["time_limit_reached"] = status.time_limit
+            ledger.save()
+            status = ledger.status(name, cfgs[name], run_dir)
         if status.mode == "done":
+            limit = f", time limit {status.time_limit:g}s reached" if status.step < status.target else ""
             log(f"[{i + 1}/{len(stages)}] {name}: done ({status.step}/{status.target} steps, "
-                f"{status.gpu_seconds:.0f} GPU-s)")
+                f"{status.gpu_seconds:.0f} GPU-s{limit})")
             continue
         budget = None if deadline is None else deadline - time.time() - reserve
         if budget is not None and budget < MIN_STAGE_SECONDS:
@@ -274,7 +292,7 @@ def build(data_dir: str | Path, run_dir: str | Path, opts: BuildOptions | None =
         log(f"[{i + 1}/{len(stages)}] {name}" + (f" (budget {budget:.0f}s)" if budget is not None else ""))
         ran.append(run_stage(name, cfgs[name], status, data_dir, run_dir, ledger, manifest["pose_stats"],
                              opts.device, budget, datasets))
-        if ran[-1]["stopped"] != "done":
+        if ran[-1]["stopped"] not in ("done", "time_limit"):
             log(f"{name} stopped ({ran[-1]['stopped']}); run the same command again to continue")
             complete = False
             break
@@ -285,7 +303,9 @@ def build(data_dir: str | Path, run_dir: str | Path, opts: BuildOptions | None =
     statuses = {n: ledger.status(n, cfg, run_dir) for n, cfg in cfgs.items()}
     student = next((s for s in STUDENT_ORDER if s in stages), None)
     provenance, strip, world = None, None, run_dir / "world"
-    if complete and student is None:
+    if complete and not opts.package:
+        log("--no-package: trained only; run the build again without it (any device) to package the world")
+    elif complete and student is None:
         log("no causal student among --stages (ar_diffusion, causal_cd, causal_ode or dmd): no world packaged")
     elif complete:
         fingerprint = {n: s.step for n, s in statuses.items()} | {"student": student}
@@ -342,6 +362,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="frames after the context (default: %(default)s)")
     p.add_argument("--eval-episodes", type=int, default=8, help="held-out episodes evaluated")
     p.add_argument("--starts", type=int, default=8, help="start contexts packaged with the world")
+    p.add_argument("--no-package", action="store_true",
+                   help="train only: no evaluation or world directory (package later, e.g. on the CPU, with the same data)")
     p.add_argument("--export-split-mb", type=float, default=None,
                    help="also write each .safetensors over this many MiB as .partNNN pieces (joined on the next call)")
     p.add_argument("overrides", nargs="*",
@@ -355,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = BuildOptions(config=a.config, plan=a.plan, overrides=a.overrides, stages=a.stages,
                         time_budget=a.time_budget, reserve=a.reserve, device=a.device,
                         eval_steps=a.eval_steps, eval_horizons=a.eval_horizons,
-                        eval_episodes=a.eval_episodes, starts=a.starts, split_mb=a.export_split_mb)
+                        eval_episodes=a.eval_episodes, starts=a.starts, split_mb=a.export_split_mb,
+                        package=not a.no_package)
     try:
         summary = build(a.data_dir, a.out, opts)
     except (BuildError, CheckpointError, ShardError) as err:

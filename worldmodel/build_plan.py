@@ -6,8 +6,9 @@ Per-stage config, later sources win:
 The wiring fields `stage.autoencoder` / `stage.teacher` / `stage.init` are set from
 RUN_DIR/<stage>/<stage>.safetensors (see `wiring`); a per-stage override of one of them wins.
 
-Ledger `RUN_DIR/build.json`: the data manifest's sha256 and, per stage, its resolved config and its
-*segments*. A segment is one continuous optimiser history. A stage starts with one segment at offset 0;
+Ledger `RUN_DIR/build.json`: the data manifest's sha256 and, per stage, its resolved config, its
+`time_limit_reached` (the stage.time_limit that stopped it, when one did) and its *segments*. A segment
+is one continuous optimiser history. A stage starts with one segment at offset 0;
 when its `state.pt` is gone but its bf16 export survives (only small files outlive a GPU lease), training
 restarts from the exported weights with a fresh optimiser as a new segment whose offset is the number of
 steps already in those weights. The stage's step is offset + the step stored in its export's JSON.
@@ -169,11 +170,25 @@ class StageStatus:
     has_state: bool
     has_weights: bool
     metrics: dict[str, float]
+    time_limit: float = 0.0  # cfg.stage.time_limit (0 = none)
+    limit_reached: float = 0.0  # the largest time_limit that stopped this stage (ledger), 0 = none
+
+    @property
+    def time_left(self) -> float | None:
+        """Seconds of stage.time_limit not yet trained; None without a limit."""
+        return self.time_limit - self.gpu_seconds if self.time_limit > 0 else None
+
+    @property
+    def limit_done(self) -> bool:
+        """Its time limit is used up: a call with this limit (or a higher one that it already reached) stopped it,
+        or it trained that long."""
+        return self.time_limit > 0 and (self.limit_reached >= self.time_limit or self.gpu_seconds >= self.time_limit)
 
     @property
     def mode(self) -> str:
-        """done | resume (state.pt) | warm (bf16 export only: fresh optimiser) | fresh."""
-        if self.has_weights and self.step >= self.target:
+        """done (stage.steps or stage.time_limit reached) | resume (state.pt) | warm (bf16 export only: fresh
+        optimiser) | fresh."""
+        if self.has_weights and (self.step >= self.target or self.limit_done):
             return "done"
         if self.has_state:
             return "resume"
@@ -228,6 +243,7 @@ class Ledger:
             entry["segments"].append(seg)
         else:
             entry["segments"] = [seg]
+            entry.pop("time_limit_reached", None)  # a fresh start has trained nothing yet
         self.save()
         return seg
 
@@ -242,5 +258,6 @@ class Ledger:
             gpu_seconds=seg["gpu_seconds_before"] + float(meta.get("gpu_seconds", 0.0)),
             peak_mem=max(int(seg.get("peak_mem", 0)), int(meta.get("peak_mem", 0) or 0)),
             has_state=(Path(run_dir) / stage / STATE_FILE).is_file(), has_weights=has_weights,
-            metrics=meta.get("metrics", {}),
+            metrics=meta.get("metrics", {}), time_limit=cfg.stage.time_limit,
+            limit_reached=float(self.data["stages"].get(stage, {}).get("time_limit_reached", 0.0)),
         )

@@ -51,6 +51,11 @@ class DiTConfig:
     """(forward, strafe, up, dyaw, dpitch) of the camera, relative to the previous frame, normalised."""
     rope_theta: float = 10000.0
     qk_norm: bool = True
+    prev_frame_input: bool = True
+    """Each frame's patch embedding also reads the previous frame's latent (channel-concatenated; zeros
+    before the first frame), the copy-and-warp path that next-frame prediction mostly is (GameNGen and
+    DIAMOND concatenate past frames the same way). Without it the network must learn to copy through
+    attention, which a few minutes of training do not reach (DESIGN §5: below copy-last)."""
 
     def __post_init__(self) -> None:
         if self.dim % self.heads:
@@ -166,7 +171,15 @@ class StageConfig:
     """Teacher: probability that a clip draws one noise level per frame instead of one for the clip
     (per-frame levels let the bidirectional teacher denoise a frame beside clean context frames)."""
     cache_latents: bool = True
-    """Latent stages: keep each frame's latent on the device after its first encoding (frozen encoder)."""
+    """Latent stages: before training, encode every frame of the training split once into a table on the
+    device (the encoder is frozen); batches then carry clip positions, not frames. false: encode each
+    batch's frames as it comes."""
+    channels_last: bool = True
+    """Autoencoder stage on CUDA: convolutions in channels_last (NHWC) memory format (ignored on the CPU)."""
+    time_limit: float = 0.0
+    """Seconds of training for this stage over all its segments (worldmodel.build); 0 = no cap. When it is
+    reached the stage counts as done even if stage.steps is not reached (the lr schedule still spans
+    stage.steps)."""
     ae_edge_weight: float = 0.0
     """Autoencoder: weight of an L1 loss on image gradients (sharper edges); 0 disables it."""
     fsdp: bool = False

@@ -81,6 +81,9 @@ class KVCache:
     calls `advance(Tb)` once. `append` writes slots for frames not yet counted by `advance`, so all layers
     of one block land in the same slots.
 
+    `last_frame` (B, C, h, w) is the input of the last frame written (None before any): the previous frame
+    of the next block for a network that reads it (dit.prev_frame_input).
+
     `staged(key, build)` memoises work derived from the visible frames (the network's rotated window),
     so that the several denoising calls of one block do it once; it is forgotten on append (that layer),
     advance and reset. Code that edits the buffers in place otherwise must call reset() or advance().
@@ -116,6 +119,7 @@ class KVCache:
     def reset(self) -> None:
         """Forget every frame (buffers are kept, not reallocated)."""
         self.frames_written = 0
+        self.last_frame: Tensor | None = None
         self._update_order()
 
     @property
@@ -185,9 +189,12 @@ class KVCache:
             self.k[layer][:, :, slot * N : (slot + 1) * N] = k[:, :, i * N : (i + 1) * N]
             self.v[layer][:, :, slot * N : (slot + 1) * N] = v[:, :, i * N : (i + 1) * N]
 
-    def advance(self, frames: int) -> None:
-        """Count `frames` as written (after every layer appended them)."""
+    def advance(self, frames: int, last_frame: Tensor | None = None) -> None:
+        """Count `frames` as written (after every layer appended them); last_frame (B, C, h, w) is the
+        written block's last input frame."""
         self.frames_written += frames
+        if last_frame is not None:
+            self.last_frame = last_frame.detach().clone()
         self._update_order()
 
     def copy_rows_from(self, rows: list[int], source: "KVCache") -> None:
@@ -206,6 +213,11 @@ class KVCache:
             k, v, _ = source.visible(layer)  # (len(rows), heads, n*N, hd) in temporal order
             self.k[layer][index[:, None], :, tokens[None, :]] = k.transpose(1, 2).to(self.k[layer].dtype)
             self.v[layer][index[:, None], :, tokens[None, :]] = v.transpose(1, 2).to(self.v[layer].dtype)
+        if source.last_frame is not None:
+            if self.last_frame is None:
+                self.last_frame = torch.zeros((self.batch_size, *source.last_frame.shape[1:]),
+                                              device=self.device, dtype=source.last_frame.dtype)
+            self.last_frame[index] = source.last_frame.to(self.last_frame.dtype)
         self._staged = {}  # the buffers changed under any memoised window
 
     def nbytes(self) -> int:

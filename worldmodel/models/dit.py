@@ -1,7 +1,10 @@
 """WorldDiT: pose-conditioned diffusion transformer over latent tokens, one network with three modes.
 
 Tokens are frame-major: a clip (B, T, C, h, w) becomes (B, T, N, D) with N = (h/p)(w/p) tokens per
-frame. Each frame carries its own conditioning c = time_mlp(emb(1000 sigma)) + pose_mlp(pose) (or a
+frame. With `prev_frame_input` each frame's patches are embedded together with the previous frame's
+latent at the same place (`prev`, zeros before the first frame): in every mode frame i's prev is frame
+i-1 as that mode's attention sees it (the same block: its noisy input; an earlier block: the clean
+context, i.e. the cache's last written frame when streaming). Each frame carries its own conditioning c = time_mlp(emb(1000 sigma)) + pose_mlp(pose) (or a
 learned null pose), fed to every block through adaLN-Zero, so that frames at different noise levels
 (teacher forcing, context noise) live in one sequence. The modes differ only in how a block attends
 (a mask, or a KV cache); the blocks are the same code:
@@ -45,6 +48,12 @@ def dit_config(size: str, **overrides) -> DiTConfig:
     if size not in DIT_SIZES:
         raise ValueError(f"unknown DiT size {size!r}; known: {sorted(DIT_SIZES)}")
     return DiTConfig(**{**DIT_SIZES[size], **overrides})
+
+
+def previous_frames(x: Tensor, before: Tensor | None = None) -> Tensor:
+    """x (B, T, ...) -> (B, T, ...) whose frame i is x's frame i-1; frame 0 gets `before` (B, ...) or zeros."""
+    first = torch.zeros_like(x[:, :1]) if before is None else before[:, None].to(x.dtype)
+    return torch.cat([first, x[:, :-1]], dim=1)
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -142,7 +151,7 @@ class WorldDiT(nn.Module):
         self.rows, self.cols = cfg.latent_height // p, cfg.latent_width // p
         self.tokens_per_frame = self.rows * self.cols
         self.head_dim = D // cfg.heads
-        self.patch_embed = nn.Linear(C * p * p, D)
+        self.patch_embed = nn.Linear(C * p * p * (2 if cfg.prev_frame_input else 1), D)
         self.freq_dim = 256
         self._t_freqs = timestep_frequencies(self.freq_dim)  # float32 whatever the module dtype
         self.time_mlp = nn.Sequential(nn.Linear(self.freq_dim, D), nn.SiLU(), nn.Linear(D, D))
@@ -210,12 +219,21 @@ class WorldDiT(nn.Module):
         return sigma.expand(x.shape[:2])
 
     def forward_with(
-        self, x: Tensor, sigma: Tensor, pose: Tensor, pose_keep: Tensor | None, make_attend: Callable[[int], Attend]
+        self, x: Tensor, sigma: Tensor, pose: Tensor, pose_keep: Tensor | None, make_attend: Callable[[int], Attend],
+        prev: Tensor | None = None,
     ) -> Tensor:
-        """The network body with attention supplied per layer: x (B, T, C, h, w) -> v (B, T, C, h, w)."""
+        """The network body with attention supplied per layer: x (B, T, C, h, w) -> v (B, T, C, h, w).
+
+        prev (B, T, C, h, w): each frame's previous frame (`previous_frames`), required with
+        cfg.prev_frame_input and ignored without it."""
         sigma = self._check(x, sigma, pose)
         p = self.cfg.patch_size
         dtype = self.patch_embed.weight.dtype
+        if self.cfg.prev_frame_input:
+            if prev is None or prev.shape != x.shape:
+                raise ValueError(f"WorldDiT with dit.prev_frame_input needs prev frames shaped like x {tuple(x.shape)}, "
+                                 f"got {None if prev is None else tuple(prev.shape)}")
+            x = torch.cat([x.to(dtype), prev.to(dtype)], dim=2)
         tok = rearrange(x.to(dtype), "b t c (hh p) (ww q) -> b t (hh ww) (c p q)", p=p, q=p)
         tok = self.patch_embed(tok)  # (B, T, N, D)
         c = self.condition(sigma, pose, pose_keep)
@@ -255,7 +273,8 @@ class WorldDiT(nn.Module):
             mask = block_causal_mask(T, self.tokens_per_frame, block_size, x.device)
         else:
             raise ValueError(f"WorldDiT mode must be 'bidirectional' or 'causal', got {mode!r}")
-        return self.forward_with(x, sigma, pose, pose_keep, self._masked_attend(T, 1, mask, x.device))
+        return self.forward_with(x, sigma, pose, pose_keep, self._masked_attend(T, 1, mask, x.device),
+                                 previous_frames(x))
 
     def forward_teacher_forcing(
         self,
@@ -277,7 +296,11 @@ class WorldDiT(nn.Module):
         pose2 = torch.cat([pose, pose], dim=1)
         keep2 = None if pose_keep is None else torch.cat([pose_keep, pose_keep], dim=1)
         mask = teacher_forcing_mask(T, self.tokens_per_frame, block_size, dev)
-        return self.forward_with(x, sigma, pose2, keep2, self._masked_attend(T, 2, mask, dev))[:, T:]
+        # A noisy block's first frame follows the clean context; later frames of a block follow its noisy frames.
+        starts_block = (torch.arange(T, device=dev) % block_size == 0).view(1, T, 1, 1, 1)
+        prev_clean = previous_frames(x_clean)
+        prev = torch.cat([prev_clean, torch.where(starts_block, prev_clean, previous_frames(x_noisy))], dim=1)
+        return self.forward_with(x, sigma, pose2, keep2, self._masked_attend(T, 2, mask, dev), prev)[:, T:]
 
     def new_cache(
         self, batch_size: int, cache_frames: int, sink_frames: int, device: torch.device | str, dtype: torch.dtype
@@ -300,7 +323,8 @@ class WorldDiT(nn.Module):
         """One block x (B, Tb, C, h, w) attending to the cache's frames and (fully) to itself -> v.
 
         Positions: cached frames 0..n-1 (window-relative), the block n..n+Tb-1. write=True appends the
-        block's un-rotated keys and values and advances the cache by Tb frames.
+        block's un-rotated keys and values and advances the cache by Tb frames; the block's last frame
+        becomes the previous frame of the next block (prev_frame_input).
         """
         Tb = x.shape[1]
         if x.shape[0] != cache.batch_size:
@@ -346,7 +370,7 @@ class WorldDiT(nn.Module):
 
             return attend
 
-        out = self.forward_with(x, sigma, pose, pose_keep, make_attend)
+        out = self.forward_with(x, sigma, pose, pose_keep, make_attend, previous_frames(x, cache.last_frame))
         if write:
-            cache.advance(Tb)
+            cache.advance(Tb, last_frame=x[:, -1])
         return out

@@ -1,9 +1,11 @@
 """Stage 0: the per-frame autoencoder (DESIGN §3), L1 + MSE reconstruction (+ optional edge term).
 
 Every frame of every clip in the batch is one training image. The latent std is tracked during
-training (a running mean of the raw latents' variance) and written into `latent_scale` at export,
-so the DiT stages see unit-variance latents without an extra pass over the data. Scaling is a pure
-reparameterisation (encode divides, decode multiplies), so setting it never changes a reconstruction.
+training (a running mean of the raw latents' variance, kept on the device) and written into
+`latent_scale` at export, so the DiT stages see unit-variance latents without an extra pass over the
+data. Scaling is a pure reparameterisation (encode divides, decode multiplies), so setting it never
+changes a reconstruction. On CUDA the convolutions run in channels_last (NHWC, `stage.channels_last`)
+under the loop's bf16 autocast; weights stay fp32, and exports are written contiguous as always.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from worldmodel.config import RunConfig
 from worldmodel.metrics import psnr
 from worldmodel.models.autoencoder import Autoencoder
 from worldmodel.training.batches import frames_to_float
-from worldmodel.training.stage import EMA, Stage, make_optimizer, optimizer_step
+from worldmodel.training.stage import EMA, Logs, Stage, make_optimizer, optimizer_step
 
 Tensor = torch.Tensor
 
@@ -50,16 +52,23 @@ class AutoencoderStage(Stage):
         oc = cfg.optim
         self.pose_stats = pose_stats
         self.online = Autoencoder(cfg.autoencoder).to(device)
+        # NHWC convolutions are cuDNN's fast bf16 path; the EMA copy and the optimiser state follow the layout.
+        self.channels_last = cfg.stage.channels_last and torch.device(device).type == "cuda"
+        if self.channels_last:
+            self.online.to(memory_format=torch.channels_last)
         self.ema = EMA(self.online, oc.ema_decay, oc.ema_start)
         self.optimizers = {"autoencoder": make_optimizer(self.online.parameters(), oc.lr, oc.betas, oc.weight_decay)}
         self.grad_clip = oc.grad_clip
         self.edge_weight = cfg.stage.ae_edge_weight
-        # Running mean of E[z^2] - E[z]^2 of raw latents; what latent_scale is set from at export.
-        self.latent_var = torch.zeros((), dtype=torch.float64)
+        # Running mean of E[z^2] - E[z]^2 of raw latents; what latent_scale is set from at export. On the
+        # training device: updating a host copy would wait for the GPU every step.
+        self.latent_var = torch.zeros((), dtype=torch.float64, device=device)
         self.latent_batches = 0
 
-    def step(self, batch: dict[str, Tensor], step: int) -> dict[str, float]:
+    def step(self, batch: dict[str, Tensor], step: int) -> Logs:
         x = frames_to_float(batch["frames"]).flatten(0, 1)  # (B*T, 3, H, W)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         self.online.train()
         z = self.online.encode_raw(x)
         recon = self.online.decoder(z)
@@ -68,11 +77,10 @@ class AutoencoderStage(Stage):
         with torch.no_grad():
             # Recent batches weigh more (the encoder drifts), but early ones still count until 100 batches.
             rate = max(1.0 / (self.latent_batches + 1), 0.01)
-            self.latent_var += rate * (z.detach().float().var().double().cpu() - self.latent_var)
+            self.latent_var += rate * (z.detach().float().var().double() - self.latent_var)
             self.latent_batches += 1
-            out = {"loss": loss.item(), "psnr": psnr(recon.detach().clamp(-1, 1), x).mean().item(),
-                   "grad_norm": grad_norm}
-        return out | {k: v.item() for k, v in parts.items()}
+            out = {"loss": loss.detach(), "psnr": psnr(recon.detach().clamp(-1, 1), x).mean(), "grad_norm": grad_norm}
+        return out | {k: v.detach() for k, v in parts.items()}
 
     def on_export(self) -> dict[str, Any]:
         std = float(self.latent_var.sqrt()) if self.latent_batches else 1.0
@@ -85,8 +93,19 @@ class AutoencoderStage(Stage):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.latent_var = state["latent_var"].double().cpu()
+        if self.channels_last:
+            match_layouts(self.optimizers["autoencoder"])
+        self.latent_var = state["latent_var"].double().to(self.latent_var.device)
         self.latent_batches = int(state["latent_batches"])
+
+
+def match_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give every optimiser state tensor its parameter's memory layout (a state saved from an NCHW run,
+    e.g. on the CPU, resumed in channels_last): the fused AdamW update walks tensors as flat memory."""
+    for p, state in optimizer.state.items():
+        for k, v in state.items():
+            if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
 @torch.no_grad()

@@ -1,16 +1,20 @@
-"""From a data batch (uint8 frames, raw pose deltas) to what the latent stages train on.
+"""From a data batch (uint8 frames or clip positions, raw pose deltas) to what the latent stages train on.
 
-`LatentBatcher` runs the frozen autoencoder's encoder once per batch (no grad, bf16 autocast on CUDA)
-and normalises the pose deltas with the dataset statistics, so every latent stage (teacher, AR
-diffusion, Causal CD/ODE, DMD) sees the same `x0`/`pose` tensors and none of them repeats this code.
+`LatentBatcher` gives every latent stage (teacher, AR diffusion, Causal CD/ODE, DMD) the same `x0`/`pose`
+tensors: the frozen autoencoder's latents and the pose deltas normalised with the dataset statistics.
+With a `LatentTable` bound (`stage.cache_latents`, the default) every frame of the training split is
+encoded once before training and a batch is only clip positions: its latents are a gather on the device.
+Without one, each batch's frames are encoded as they come (no grad, bf16 autocast on CUDA).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 Tensor = torch.Tensor
 
@@ -27,13 +31,24 @@ def float_to_frames(x: Tensor) -> Tensor:
     return x.detach().float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8).movedim(-3, -1)
 
 
-def normalize_pose(deltas: Tensor, pose_stats: dict[str, Any]) -> Tensor:
-    """Raw deltas (..., 5) -> (delta - mean) / std with the manifest's per-dimension statistics."""
-    mean = torch.as_tensor(pose_stats["mean"], dtype=torch.float32, device=deltas.device)
-    std = torch.as_tensor(pose_stats["std"], dtype=torch.float32, device=deltas.device)
+def pose_stat_tensors(pose_stats: dict[str, Any], device: torch.device | str) -> tuple[Tensor, Tensor]:
+    """(mean, std clamped away from 0), float32 (5,) on `device`: made once, not per batch (a host list
+    copied to the GPU waits for the device)."""
+    mean = torch.as_tensor(pose_stats["mean"], dtype=torch.float32, device=device)
+    std = torch.as_tensor(pose_stats["std"], dtype=torch.float32, device=device)
+    return mean, std.clamp_min(1e-6)
+
+
+def standardize_pose(deltas: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """Raw deltas (..., 5) -> (delta - mean) / std, with `pose_stat_tensors`."""
     if mean.shape[-1] != deltas.shape[-1]:
         raise ValueError(f"pose_stats have {mean.shape[-1]} dimensions, deltas have {deltas.shape[-1]}")
-    return (deltas.float() - mean) / std.clamp_min(1e-6)
+    return (deltas.float() - mean) / std
+
+
+def normalize_pose(deltas: Tensor, pose_stats: dict[str, Any]) -> Tensor:
+    """Raw deltas (..., 5) -> (delta - mean) / std with the manifest's per-dimension statistics."""
+    return standardize_pose(deltas, *pose_stat_tensors(pose_stats, deltas.device))
 
 
 def check_pose_stats(pose_stats: dict[str, Any] | None, where: str) -> dict[str, list[float]]:
@@ -70,75 +85,121 @@ def decode_latents(autoencoder: nn.Module, z: Tensor, chunk: int = 256, bf16: bo
     return x.float().unflatten(0, (b, t))
 
 
-class LatentBatcher:
-    """Turn `{"frames": uint8 (B,T,H,W,3), "deltas": (B,T,5) raw}` into latent-stage inputs.
+def fixed_chunks(arrays: Iterable[np.ndarray], chunk: int) -> Iterator[np.ndarray]:
+    """The rows of `arrays` one after another, `chunk` at a time across array boundaries (only the last
+    chunk is shorter): one batch shape for the encoder, which cuDNN's autotuner then tunes once."""
+    buf, held = [], 0
+    for a in arrays:
+        while len(a):
+            take, a = a[: chunk - held], a[chunk - held:]
+            buf.append(take)
+            held += len(take)
+            if held == chunk:
+                yield np.concatenate(buf) if len(buf) > 1 else buf[0]
+                buf, held = [], 0
+    if buf:
+        yield np.concatenate(buf) if len(buf) > 1 else buf[0]
 
-    Returns `{"x0": (B,T,C,h,w) scaled latents, "pose": (B,T,5) normalised}` plus
-    `"frames": (B,T,3,H,W) in [-1,1]` when `keep_frames`. The autoencoder is frozen and in eval mode.
+
+class LatentTable:
+    """The latent of every frame of a dataset's split, on the training device, and where each episode starts.
+
+    The encoder is frozen, so a frame's latent never changes: encoding every frame once before training
+    replaces the 96x128 conv encoder over B*T frames per step (it cost more than the DiT) and shipping
+    uint8 frames through the DataLoader; a batch's latents are then `latents[offsets[episode] + start +
+    arange(T)]`, one gather on the device. Values are what `encode_frames` gives (stored in the encoder's
+    output dtype: bf16 under CUDA autocast, so nothing is rounded; fp32 otherwise). Size: C*h*w values per
+    frame (~6 KB at 16x12x16 in bf16, ~0.6 GB per 100k frames).
+    """
+
+    def __init__(self, latents: Tensor, offsets: Tensor):
+        self.latents = latents  # (frames_total, C, h, w)
+        self.offsets = offsets  # (episodes in the manifest,) long: first row of each episode, -1 outside the split
+        self._steps: dict[int, Tensor] = {}
+
+    @classmethod
+    @torch.no_grad()
+    def encode(cls, dataset, autoencoder: nn.Module, device: torch.device | str, *, bf16: bool = True,
+               chunk: int = 256, progress: bool = True) -> "LatentTable":
+        """Encode every frame of `dataset` (a ClipDataset: its `episode_ids`, `episode(i)["frames"]`)."""
+        device = torch.device(device)
+        episodes = dataset.manifest["episodes"]
+        counts = [int(episodes[i]["frames"]) for i in dataset.episode_ids]
+        offsets = torch.full((len(episodes),), -1, dtype=torch.long)
+        offsets[list(dataset.episode_ids)] = torch.tensor([0, *counts[:-1]]).cumsum(0)
+        latents, row = None, 0
+        episodes_frames = (dataset.episode(i)["frames"] for i in dataset.episode_ids)
+        with tqdm(total=sum(counts), desc="latents", unit="frame", disable=not progress, dynamic_ncols=True) as bar:
+            for frames in fixed_chunks(episodes_frames, chunk):
+                with autocast(device, bf16):
+                    z = autoencoder.encode(frames_to_float(torch.from_numpy(frames).to(device)))
+                if latents is None:
+                    latents = z.new_empty((sum(counts), *z.shape[1:]))
+                latents[row:row + len(z)] = z
+                row += len(z)
+                bar.update(len(z))
+        return cls(latents, offsets.to(device))
+
+    def lookup(self, episode: Tensor, start: Tensor, frames: int) -> Tensor:
+        """episode, start (B,) clip positions on the table's device -> latents (B, frames, C, h, w) float32.
+
+        No check that a clip lies inside its episode (that would wait for the device): the positions come
+        from the dataset the table was encoded from."""
+        if frames not in self._steps:
+            self._steps[frames] = torch.arange(frames, device=self.latents.device)
+        rows = self.offsets[episode.long()][:, None] + start.long()[:, None] + self._steps[frames]
+        return self.latents[rows].float()
+
+
+class LatentBatcher:
+    """Turn a batch into latent-stage inputs `{"x0": (B,T,C,h,w) scaled latents, "pose": (B,T,5) normalised}`.
+
+    A batch is `{"frames": uint8 (B,T,H,W,3), "deltas": (B,T,5) raw}` (encoded here, plus `"frames": (B,T,3,H,W)
+    in [-1,1]` in the output when `keep_frames`), or, once `bind` has encoded the dataset into a
+    `LatentTable` (`table=True`), `{"episode": (B,), "start": (B,), "deltas"}` without frames. The
+    autoencoder is frozen and in eval mode.
     """
 
     def __init__(self, autoencoder: nn.Module, pose_stats: dict[str, Any], device: torch.device | str,
-                 *, keep_frames: bool = False, bf16: bool = True, cache: bool = False):
+                 *, keep_frames: bool = False, bf16: bool = True, table: bool = False):
         self.device = torch.device(device)
         self.autoencoder = autoencoder.to(self.device).eval().requires_grad_(False)
         self.pose_stats = check_pose_stats(pose_stats, "LatentBatcher")
+        self.pose_mean, self.pose_std = pose_stat_tensors(self.pose_stats, self.device)
         self.keep_frames = keep_frames
         self.bf16 = bf16
-        self.cache = LatentCache() if cache else None
+        self.use_table = table
+        self.table: LatentTable | None = None
+
+    def bind(self, dataset, progress: bool = True):
+        """With `table=True`: encode every frame of `dataset` into a LatentTable and return the dataset's
+        frames-free view (`ClipDataset.without_frames`) for the DataLoader; otherwise the dataset as is."""
+        if not self.use_table:
+            return dataset
+        if not hasattr(dataset, "without_frames"):
+            raise TypeError(f"stage.cache_latents=true encodes the whole dataset up front and needs a ClipDataset, "
+                            f"got {type(dataset).__name__}; set stage.cache_latents=false to encode per batch")
+        if not dataset.with_frames:
+            raise ValueError("LatentBatcher.bind needs the dataset with its frames (to encode them), got a "
+                             "without_frames() view; pass the ClipDataset itself")
+        self.table = LatentTable.encode(dataset, self.autoencoder, self.device, bf16=self.bf16, progress=progress)
+        return dataset.without_frames()
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        deltas = batch["deltas"].to(self.device, non_blocking=True)
+        out = {"pose": standardize_pose(deltas, self.pose_mean, self.pose_std)}
+        if "frames" not in batch:
+            if self.table is None:
+                raise ValueError("LatentBatcher: the batch has no frames and no latent table is bound; pass frames "
+                                 "or call bind(dataset) first (the training loop does, through Stage.bind_data)")
+            episode, start = (batch[k].to(self.device, non_blocking=True) for k in ("episode", "start"))
+            return {"x0": self.table.lookup(episode, start, deltas.shape[1])} | out
         frames = batch["frames"].to(self.device, non_blocking=True)
         if frames.ndim != 5:
             raise ValueError(f"LatentBatcher expects frames (B,T,H,W,3), got shape {tuple(frames.shape)}")
         x = frames_to_float(frames)  # (B, T, 3, H, W)
-        if self.cache is not None and "episode" in batch and "start" in batch:
-            x0 = self.cache.lookup(batch["episode"], batch["start"], x,
-                                   lambda xs: encode_frames(self.autoencoder, xs[None], bf16=self.bf16)[0])
-        else:
-            x0 = encode_frames(self.autoencoder, x, bf16=self.bf16)
-        out = {
-            "x0": x0,
-            "pose": normalize_pose(batch["deltas"].to(self.device, non_blocking=True), self.pose_stats),
-        }
+        out = {"x0": encode_frames(self.autoencoder, x, bf16=self.bf16)} | out
         if self.keep_frames:
             out["frames"] = x
         return out
-
-
-class LatentCache:
-    """Latents of every (episode, frame) seen so far, on the training device.
-
-    The encoder is frozen, so a frame's latent never changes: encoding it once instead of in every
-    clip that contains it removes what dominated a teacher step on the GPU (the 96x128 conv encoder
-    over B*T frames cost more than the DiT). Size: C*h*w floats per frame of the data (~12 KB at 16x12x16).
-    """
-
-    def __init__(self):
-        self.rows: dict[int, int] = {}
-        self.store: Tensor | None = None  # (capacity, C, h, w)
-
-    def lookup(self, episode: Tensor, start: Tensor, x: Tensor, encode) -> Tensor:
-        """episode, start (B,); x (B,T,3,H,W) the clip frames; encode(frames (N,3,H,W)) -> (N,C,h,w)."""
-        B, T = x.shape[:2]
-        keys = ((episode.long().cpu()[:, None] << 32) + start.long().cpu()[:, None] + torch.arange(T)).flatten().tolist()
-        new = {}
-        for i, k in enumerate(keys):
-            if k not in self.rows and k not in new:
-                new[k] = i
-        if new:
-            z = encode(x.flatten(0, 1)[list(new.values())])
-            self._grow(len(self.rows) + len(new), z)
-            base = len(self.rows)
-            self.store[base : base + len(new)] = z
-            self.rows.update({k: base + j for j, k in enumerate(new)})
-        idx = torch.tensor([self.rows[k] for k in keys], device=self.store.device)
-        return self.store[idx].float().unflatten(0, (B, T))
-
-    def _grow(self, needed: int, like: Tensor) -> None:
-        if self.store is None:
-            self.store = like.new_empty((max(needed, 1024), *like.shape[1:]))
-        elif needed > len(self.store):
-            bigger = self.store.new_empty((max(needed, 2 * len(self.store)), *self.store.shape[1:]))
-            bigger[: len(self.store)] = self.store
-            self.store = bigger

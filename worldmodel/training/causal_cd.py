@@ -25,10 +25,9 @@ from worldmodel.config import RunConfig
 from worldmodel.diffusion.flow import add_noise, sigma_grid
 from worldmodel.training.ar_diffusion import context_noise  # stage 2's augmentation, shared
 from worldmodel.training.distill_common import (
-    ClipFn, GpuClock, latent_batch, load_teacher, load_trainable, make_batcher, teacher_forced_v,
-    x0_closure,
+    ClipFn, latent_batch, load_teacher, load_trainable, make_batcher, teacher_forced_v, x0_closure,
 )
-from worldmodel.training.stage import EMA, Stage, make_optimizer, optimizer_step
+from worldmodel.training.stage import EMA, LatentStage, Logs, make_optimizer, optimizer_step
 
 Tensor = torch.Tensor
 
@@ -67,7 +66,7 @@ def causal_cd_loss(
     return F.mse_loss(pred.float(), target.float()), target
 
 
-class CausalCDStage(Stage):
+class CausalCDStage(LatentStage):
     """Causal CD: student and EMA start from the AR weights (stage.init, default stage.teacher)."""
 
     name = "causal_cd"
@@ -90,7 +89,6 @@ class CausalCDStage(Stage):
         self.grid = sigma_grid(fl.grid_size, fl.shift).to(device)
         self.block_size, self.guidance = st.block_size, fl.guidance
         self.context_noise_max, self.grad_clip = fl.context_noise_max, opt.grad_clip
-        self.clock = GpuClock(device)
 
     def closures(self, x_clean: Tensor, sigma_clean: Tensor, pose: Tensor) -> tuple[ClipFn, ClipFn, ClipFn]:
         """(student_x0, teacher_v (guided), ema_x0) sharing one clean context."""
@@ -99,21 +97,13 @@ class CausalCDStage(Stage):
 
         return x0_closure(tf(self.online, 1.0)), tf(self.teacher, self.guidance), x0_closure(tf(self.ema.model, 1.0))
 
-    def step(self, batch: dict[str, Tensor], step: int) -> dict[str, float]:
-        with self.clock:
-            x0, pose = latent_batch(batch, self.batcher, self.device)
-            # Every draw is for the global batch, this rank's rows kept (distributed.BatchShard).
-            x_clean, sigma_clean = context_noise(x0, self.context_noise_max, self.shard)
-            t_hi, t_lo = self.shard.draw(lambda n: draw_pairs(self.grid, n), x0.shape[0])
-            eps = self.shard.randn_like(x0)
-            student_x0, teacher_v, ema_x0 = self.closures(x_clean, sigma_clean, pose)
-            loss, _ = causal_cd_loss(student_x0, teacher_v, ema_x0, x0, eps, t_hi, t_lo)
-            gnorm = optimizer_step(loss, self.online, self.optimizers["student"], self.grad_clip)
-        return {"loss": loss.item(), "grad_norm": gnorm, "t_hi": float(t_hi.mean()), "gpu_s": self.clock.total}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "gpu_seconds": self.clock.total}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.clock.total = float(state.get("gpu_seconds", 0.0))
+    def step(self, batch: dict[str, Tensor], step: int) -> Logs:
+        x0, pose = latent_batch(batch, self.batcher, self.device)
+        # Every draw is for the global batch, this rank's rows kept (distributed.BatchShard).
+        x_clean, sigma_clean = context_noise(x0, self.context_noise_max, self.shard)
+        t_hi, t_lo = self.shard.draw(lambda n: draw_pairs(self.grid, n), x0.shape[0])
+        eps = self.shard.randn_like(x0)
+        student_x0, teacher_v, ema_x0 = self.closures(x_clean, sigma_clean, pose)
+        loss, _ = causal_cd_loss(student_x0, teacher_v, ema_x0, x0, eps, t_hi, t_lo)
+        gnorm = optimizer_step(loss, self.online, self.optimizers["student"], self.grad_clip)
+        return {"loss": loss.detach(), "grad_norm": gnorm, "t_hi": t_hi.mean()}

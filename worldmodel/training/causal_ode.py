@@ -32,10 +32,9 @@ from worldmodel.diffusion.flow import euler_sample, sigma_grid, step_sigmas
 from worldmodel.training.ar_diffusion import context_noise  # stage 2's augmentation, shared
 from worldmodel.training.distributed import SINGLE, BatchShard, barrier, is_distributed
 from worldmodel.training.distill_common import (
-    GpuClock, latent_batch, load_teacher, load_trainable, make_batcher, teacher_forced_v,
-    x0_closure,
+    latent_batch, load_teacher, load_trainable, make_batcher, teacher_forced_v, x0_closure,
 )
-from worldmodel.training.stage import EMA, Stage, make_optimizer, optimizer_step
+from worldmodel.training.stage import EMA, LatentStage, Logs, make_optimizer, optimizer_step
 
 Tensor = torch.Tensor
 PAIRS_SUBDIR = "ode_pairs"
@@ -100,7 +99,7 @@ class PairStore:
                     f"(stage.student_steps or flow.shift changed); use another ode_pairs directory or delete it"
                 )
             self.chunks.append(chunk)
-        self._cat: dict[str, Tensor] | None = None
+        self._cat: dict[torch.device, dict[str, Tensor]] = {}
         self.total_clips = self.clips  # over all ranks; `clips` counts what this process holds
 
     @property
@@ -124,20 +123,24 @@ class PairStore:
         chunk = {k: v.cpu() if isinstance(v, Tensor) else v for k, v in chunk.items()}
         save_training_state(path, chunk)  # atomic: a crash never leaves a half chunk under its name
         self.chunks.append(chunk)
-        self._cat = None
+        self._cat = {}
         return path
 
-    def tensors(self) -> dict[str, Tensor]:
-        if self._cat is None:
+    def tensors(self, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+        """Every stored clip, concatenated in global row order, on `device` (copied there once: gathering
+        each minibatch in host memory and copying it over would wait for the GPU every step)."""
+        device = torch.device(device)
+        if device not in self._cat:
             keys = ("states", "endpoint", "x_clean", "sigma_clean", "pose")
-            self._cat = {k: torch.cat([c[k] for c in self.chunks]) for k in keys}
+            cat = {k: torch.cat([c[k] for c in self.chunks]) for k in keys}
             if all("rows" in c for c in self.chunks):  # global row order: the same on any world size
                 order = torch.cat([c["rows"] for c in self.chunks]).argsort()
-                self._cat = {k: v[order] for k, v in self._cat.items()}
-        return self._cat
+                cat = {k: v[order] for k, v in cat.items()}
+            self._cat = {device: {k: v.to(device) for k, v in cat.items()}}
+        return self._cat[device]
 
 
-class CausalODEStage(Stage):
+class CausalODEStage(LatentStage):
     """Causal ODE baseline; the student (and EMA) start from stage.init, default stage.teacher (AR)."""
 
     name = "causal_ode"
@@ -173,7 +176,7 @@ class CausalODEStage(Stage):
         self.target_clips = st.ode_samples
         self.block_size, self.guidance, self.context_noise_max = st.block_size, fl.guidance, fl.context_noise_max
         self.grad_clip = opt.grad_clip
-        self.clock = GpuClock(device)
+        self.sigmas_keep_t = torch.tensor(self.sigmas_keep, device=device)
 
     @property
     def teacher(self) -> nn.Module:
@@ -200,52 +203,44 @@ class CausalODEStage(Stage):
                 "pose": pose, "sigmas": list(self.sigmas_keep), "path": list(self.path)}
 
     def regression_loss(self, batch_size: int) -> Tensor:
-        data = self.store.tensors()
-        n, K = data["states"].shape[:2]
-        idx = self.shard.draw(lambda m: torch.randint(0, n, (m,)), batch_size)
-        k = self.shard.draw(lambda m: torch.randint(0, K, (m,)), batch_size)
         dev = self.device
-        x_t = data["states"][idx, k].to(dev).float()
-        sigma = torch.tensor(self.sigmas_keep, device=dev)[k.to(dev)]
+        data = self.store.tensors(dev)
+        n, K = data["states"].shape[:2]
+        # Drawn on the training device: indices made on the host would be copied over every step.
+        idx = self.shard.draw(lambda m: torch.randint(0, n, (m,), device=dev), batch_size)
+        k = self.shard.draw(lambda m: torch.randint(0, K, (m,), device=dev), batch_size)
+        x_t = data["states"][idx, k].float()
+        sigma = self.sigmas_keep_t[k]
         student_x0 = x0_closure(teacher_forced_v(
-            self.online, data["x_clean"][idx].to(dev).float(), data["sigma_clean"][idx].to(dev),
-            data["pose"][idx].to(dev), block_size=self.block_size))
-        return F.mse_loss(student_x0(x_t, sigma), data["endpoint"][idx].to(dev).float())
+            self.online, data["x_clean"][idx].float(), data["sigma_clean"][idx], data["pose"][idx],
+            block_size=self.block_size))
+        return F.mse_loss(student_x0(x_t, sigma), data["endpoint"][idx].float())
 
-    def step(self, batch: dict[str, Tensor], step: int) -> dict[str, float]:
+    def step(self, batch: dict[str, Tensor], step: int) -> Logs:
         if self.generating:
-            with self.clock:
-                t0 = time.perf_counter()
-                x0, pose = latent_batch(batch, self.batcher, self.device)
-                offset = self.store.total_clips
-                take_global = min(x0.shape[0] * self.shard.world, self.target_clips - offset)
-                take = self.shard.global_rows(take_global)  # this rank's rows come first in its batch
-                if take:
-                    chunk = self.generate(x0, pose, take)
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize(self.device)
-                    chunk["gen_seconds"] = time.perf_counter() - t0
-                    self.store.add(chunk, offset, self.shard)
-                else:  # draw what the other ranks draw: the RNG streams stay in step (BatchShard)
-                    context_noise(x0, self.context_noise_max, self.shard), self.shard.randn_like(x0)
-                self.store.total_clips = offset + take_global
+            t0 = time.perf_counter()
+            x0, pose = latent_batch(batch, self.batcher, self.device)
+            offset = self.store.total_clips
+            take_global = min(x0.shape[0] * self.shard.world, self.target_clips - offset)
+            take = self.shard.global_rows(take_global)  # this rank's rows come first in its batch
+            if take:
+                chunk = self.generate(x0, pose, take)
+                if self.device.type == "cuda":  # the chunk is written to disk next: its time is the teacher's
+                    torch.cuda.synchronize(self.device)
+                chunk["gen_seconds"] = time.perf_counter() - t0
+                self.store.add(chunk, offset, self.shard)
+            else:  # draw what the other ranks draw: the RNG streams stay in step (BatchShard)
+                context_noise(x0, self.context_noise_max, self.shard), self.shard.randn_like(x0)
+            self.store.total_clips = offset + take_global
             if not self.generating:
                 self._teacher = None  # regression never needs it again
                 if is_distributed():  # every rank regresses on every rank's clips
                     barrier()
                     self.store.reload()
             return {"ode_clips": float(self.store.total_clips), "ode_bytes": float(self.store.nbytes),
-                    "ode_gen_s": self.store.gen_seconds, "gpu_s": self.clock.total}
-        with self.clock:
-            batch_size = (batch["x0"] if "x0" in batch else batch["frames"]).shape[0]
-            loss = self.regression_loss(batch_size)
-            gnorm = optimizer_step(loss, self.online, self.optimizers["student"], self.grad_clip)
-        return {"loss": loss.item(), "grad_norm": gnorm, "ode_clips": float(self.store.total_clips),
-                "ode_bytes": float(self.store.nbytes), "ode_gen_s": self.store.gen_seconds, "gpu_s": self.clock.total}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "gpu_seconds": self.clock.total}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.clock.total = float(state.get("gpu_seconds", 0.0))
+                    "ode_gen_s": self.store.gen_seconds}
+        batch_size = batch["x0" if "x0" in batch else "deltas"].shape[0]
+        loss = self.regression_loss(batch_size)
+        gnorm = optimizer_step(loss, self.online, self.optimizers["student"], self.grad_clip)
+        return {"loss": loss.detach(), "grad_norm": gnorm, "ode_clips": float(self.store.total_clips),
+                "ode_bytes": float(self.store.nbytes), "ode_gen_s": self.store.gen_seconds}

@@ -1,4 +1,4 @@
-"""What the distillation stages (Causal CD, Causal ODE, DMD) share: closures, loading, a clock.
+"""What the distillation stages (Causal CD, Causal ODE, DMD) share: closures, loading, batches.
 
 Every distillation stage evaluates networks through the teacher-forcing forward with one clean context
 (Causal CD/ODE) or bidirectionally over a whole clip (DMD); the closures below bind that context once so
@@ -9,7 +9,6 @@ unlike flow.py's float-sigma closures.
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable
 
 import torch
@@ -65,32 +64,6 @@ def x0_closure(v_fn: ClipFn) -> ClipFn:
     return lambda x, sigma: x0_from_v(x, v_fn(x, sigma), sigma)
 
 
-class GpuClock:
-    """Device-seconds of a stage (wall seconds x processes in use; GPU-seconds on CUDA), cumulative.
-
-    Synchronises CUDA at both ends so asynchronous kernels are counted in the step that launched them.
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = torch.device(device)
-        self.total = 0.0
-        self._t0 = 0.0
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def __enter__(self) -> "GpuClock":
-        self._sync()
-        self._t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._sync()
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        self.total += (time.perf_counter() - self._t0) * world
-
-
 def load_teacher(cfg: RunConfig, device: torch.device, pose_stats: dict[str, Any] | None, stage: str) -> nn.Module:
     """The frozen teacher of cfg.stage.teacher (fp32, eval, no grad)."""
     return load_frozen(cfg.stage.teacher, WorldDiT(cfg.dit), {"dit": cfg.dit}, "teacher", stage, device, pose_stats)
@@ -114,15 +87,16 @@ def make_batcher(cfg: RunConfig, device: torch.device, pose_stats: dict[str, Any
     ae = load_frozen(cfg.stage.autoencoder, Autoencoder(cfg.autoencoder), {"autoencoder": cfg.autoencoder},
                      "autoencoder", stage, device)
     return LatentBatcher(ae, check_pose_stats(pose_stats, f"stage {stage}"), device, bf16=cfg.stage.bf16,
-                         cache=cfg.stage.cache_latents)
+                         table=cfg.stage.cache_latents)
 
 
 def latent_batch(batch: dict[str, Tensor], batcher: LatentBatcher | None,
                  device: torch.device) -> tuple[Tensor, Tensor]:
-    """(x0 (B,T,C,h,w), pose (B,T,5) normalised) from a latent batch or, through the batcher, a raw one."""
+    """(x0 (B,T,C,h,w), pose (B,T,5) normalised) from a latent batch or, through the batcher, a raw one
+    (frames, or clip positions into the batcher's latent table)."""
     if "x0" in batch:
         return batch["x0"].to(device).float(), batch["pose"].to(device).float()
     if batcher is None:
-        raise ValueError("batch has raw frames but the stage has no autoencoder: set stage.autoencoder=PATH")
+        raise ValueError("batch has no latents (x0) but the stage has no autoencoder: set stage.autoencoder=PATH")
     out = batcher(batch)
     return out["x0"], out["pose"]

@@ -178,13 +178,15 @@ def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str,
     return {k: reduced[k] for k in values}  # the caller's order (the progress bar shows the first keys)
 
 
-def max_over_ranks(value: float, device: torch.device) -> float:
-    """The largest value over ranks (e.g. the slowest rank's elapsed time, so all stop together)."""
+def max_over_ranks(value: float | list[float], device: torch.device) -> float | list[float]:
+    """The largest value over ranks (e.g. the slowest rank's elapsed time, so all stop together); of each
+    element of a list, in one all_reduce."""
     if not is_distributed():
         return value
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    values = value if isinstance(value, list) else [value]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+    return t.tolist() if isinstance(value, list) else float(t.item())
 
 
 # ---- FSDP (stage.fsdp=true): parameters, gradients and optimiser states sharded over ranks ----

@@ -32,9 +32,9 @@ from torch import nn
 
 from worldmodel.config import RunConfig
 from worldmodel.diffusion.flow import add_noise, guided, shift_sigma, step_sigmas, x0_from_v
-from worldmodel.training.distill_common import GpuClock, latent_batch, load_teacher, load_trainable, make_batcher
+from worldmodel.training.distill_common import latent_batch, load_teacher, load_trainable, make_batcher
 from worldmodel.training.rollout import self_rollout
-from worldmodel.training.stage import EMA, Stage, make_optimizer, optimizer_step
+from worldmodel.training.stage import EMA, LatentStage, Logs, make_optimizer, optimizer_step
 from worldmodel.training.teacher import flow_loss
 
 Tensor = torch.Tensor
@@ -105,7 +105,7 @@ def critic_loss(critic: nn.Module, x_ctx: Tensor, x_gen: Tensor, pose: Tensor, s
     return flow_loss(v, x_gen, eps)
 
 
-class DMDStage(Stage):
+class DMDStage(LatentStage):
     """Generator (online + EMA) and critic trained; teacher frozen. Exports the EMA generator."""
 
     name = "dmd"
@@ -141,7 +141,6 @@ class DMDStage(Stage):
         self.shift, self.t_min, self.t_max = fl.shift, st.dmd_t_min, st.dmd_t_max
         self.guidance, self.context_sigma, self.grad_clip = fl.guidance, fl.context_noise_inference, opt.grad_clip
         self.seed = cfg.seed
-        self.clock = GpuClock(device)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {"online": self.online, "critic": self.critic}
@@ -165,16 +164,16 @@ class DMDStage(Stage):
                                 x_gen.shape[0])
         return sigma, self.shard.randn_like(x_gen)
 
-    def critic_update(self, x0: Tensor, pose: Tensor, step: int, draw: int) -> float:
+    def critic_update(self, x0: Tensor, pose: Tensor, step: int, draw: int) -> Tensor:
         with torch.no_grad():
             x_gen = self.rollout(x0, pose, self.exit_step(step, draw), grad=False)
         sigma, eps = self.draw_sigma_eps(x_gen)
         loss = critic_loss(self.critic, x0[:, : self.context_frames], x_gen, pose, sigma, eps,
                            context_sigma=self.context_sigma)
         optimizer_step(loss, self.critic, self.optimizers["critic"], self.grad_clip)
-        return loss.item()
+        return loss.detach()
 
-    def generator_update(self, x0: Tensor, pose: Tensor, step: int) -> dict[str, float]:
+    def generator_update(self, x0: Tensor, pose: Tensor, step: int) -> Logs:
         exit_step = self.exit_step(step, self.critic_steps)
         x_gen = self.rollout(x0, pose, exit_step, grad=True)
         sigma, eps = self.draw_sigma_eps(x_gen)
@@ -184,21 +183,13 @@ class DMDStage(Stage):
         grad = dmd_gradient(x_gen.detach(), x0_real, x0_fake)
         loss = dmd_generator_loss(x_gen, grad)
         gnorm = optimizer_step(loss, self.online, self.optimizers["generator"], self.grad_clip)
-        return {"dmd_loss": loss.item(), "gen_grad_norm": gnorm, "exit_step": float(exit_step),
-                "real_fake_gap": float((x0_real - x0_fake).abs().mean()),
-                "gen_to_gt": float((x_gen.detach() - x0[:, self.context_frames:]).pow(2).mean())}
+        return {"dmd_loss": loss.detach(), "gen_grad_norm": gnorm, "exit_step": float(exit_step),
+                "real_fake_gap": (x0_real - x0_fake).abs().mean(),
+                "gen_to_gt": (x_gen.detach() - x0[:, self.context_frames:]).pow(2).mean()}
 
-    def step(self, batch: dict[str, Tensor], step: int) -> dict[str, float]:
-        with self.clock:
-            x0, pose = latent_batch(batch, self.batcher, self.device)
-            c_losses = [self.critic_update(x0, pose, step, d) for d in range(self.critic_steps)]
-            logs = self.generator_update(x0, pose, step)
+    def step(self, batch: dict[str, Tensor], step: int) -> Logs:
+        x0, pose = latent_batch(batch, self.batcher, self.device)
+        c_losses = [self.critic_update(x0, pose, step, d) for d in range(self.critic_steps)]
+        logs = self.generator_update(x0, pose, step)
         return {"loss": logs["dmd_loss"], **logs, "critic_loss": sum(c_losses) / max(1, len(c_losses)),
-                "critic_updates": float(len(c_losses)), "gpu_s": self.clock.total}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "gpu_seconds": self.clock.total}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.clock.total = float(state.get("gpu_seconds", 0.0))
+                "critic_updates": float(len(c_losses))}

@@ -16,6 +16,12 @@ every rank), gives each rank `data.batch_size / world` clips of every global bat
 sharded, no clip duplicated or dropped), averages the logged metrics over ranks, and only rank 0 writes
 files (between barriers). `data.batch_size` is the GLOBAL batch, so the same command trains the same
 model on any number of GPUs, and a run resumes on a different number of GPUs.
+
+No step waits for the GPU: the stage's log values stay on the device and are copied to the host at log
+lines (`MetricSums`), and the time budget reads the clock after a device synchronisation every few steps
+(`BudgetClock`). Reported `gpu_seconds` (export, state.pt, `gpu_s` in every log line) are the loop's
+wall-clock seconds from its start (resume loading and the latent table included) x processes, summed
+over resumed runs.
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ from worldmodel.training.stage import Stage
 
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.jsonl"
+# At most this many steps between two reads of the (synchronised) clock for the time budget.
+BUDGET_CHECK_STEPS = 10
 # Sections of the resolved config that must not change across a resume (steps, budget, lr may).
 RESUME_SECTIONS = ("data", "autoencoder", "dit")
 
@@ -128,6 +136,83 @@ def batch_stream(loader: DataLoader, sampler: ResumableSampler, start_step: int,
         sampler.set_position(epoch, k * batch_size)
         yield from itertools.islice(loader, batches_per_epoch - k)
         epoch, k = epoch + 1, 0
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for every kernel launched so far (CUDA); a no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class MetricSums:
+    """Sums of what `Stage.step` returns since the last log line. Tensors stay where they are until
+    `means()`, which copies every sum to the host at once: one wait for the device per log line."""
+
+    def __init__(self):
+        self.values: dict[str, list] = {}
+        self.count = 0
+
+    def add(self, logs: dict[str, Any]) -> None:
+        for k, v in logs.items():
+            self.values.setdefault(k, []).append(v.detach() if isinstance(v, torch.Tensor) else float(v))
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        """Each key's sum over the steps since the last reset / the number of steps (a key some steps lack,
+        e.g. Causal ODE's loss while it generates, is averaged over all of them)."""
+        sums = {k: sum(v for v in vs if not isinstance(v, torch.Tensor)) for k, vs in self.values.items()}
+        on_device = {k: [v for v in vs if isinstance(v, torch.Tensor)] for k, vs in self.values.items()}
+        on_device = {k: torch.stack(vs).double().sum() for k, vs in on_device.items() if vs}
+        if on_device:
+            first = next(iter(on_device.values()))
+            host = torch.stack([v.to(first.device) for v in on_device.values()]).tolist()
+            for k, v in zip(on_device, host):
+                sums[k] += v
+        return {k: v / max(1, self.count) for k, v in sums.items()}
+
+    def reset(self) -> None:
+        self.values, self.count = {}, 0
+
+
+class BudgetClock:
+    """Whether the next step (plus the final checkpoint) still fits the time budget, without a device
+    synchronisation every step.
+
+    A CUDA step returns once its kernels are queued, so the host clock alone measures how fast work is
+    enqueued. The clock is therefore read after a synchronisation, at check steps only: the step time is
+    the mean over the steps since the previous check (checkpoint saves excluded), and the next check is
+    at most BUDGET_CHECK_STEPS steps later, sooner as the budget runs out (half the steps that still
+    fit), so the run stops within a step of where a check before every step would stop it. Every rank
+    decides from the same maxima over ranks, so all take part in each check and stop at the same step.
+    """
+
+    def __init__(self, budget: float, t_start: float, device: torch.device):
+        self.budget, self.t_start, self.device = budget, t_start, device
+        self.step_time = 0.0
+        self.next_check: int | None = None  # None: check before the first step
+        self._mark: tuple[float, int] | None = None  # (time, step) of the last check
+        self._excluded = 0.0
+
+    def exclude(self, seconds: float) -> None:
+        """Time spent since the last check that is not step time (a checkpoint save)."""
+        self._excluded += seconds
+
+    def over(self, step: int, save_margin: float) -> bool:
+        if self.next_check is not None and step < self.next_check:
+            return False
+        synchronize(self.device)
+        now = time.time()
+        if self._mark is not None and step > self._mark[1]:
+            self.step_time = max(0.0, now - self._mark[0] - self._excluded) / (step - self._mark[1])
+        self._mark, self._excluded = (now, step), 0.0
+        elapsed, step_time, margin = distributed.max_over_ranks([now - self.t_start, self.step_time, save_margin],
+                                                                self.device)
+        left = self.budget - elapsed - margin
+        if left < step_time:
+            return True
+        fit = int(0.5 * left / step_time) if step_time > 0 else 1
+        self.next_check = step + max(1, min(BUDGET_CHECK_STEPS, fit))
+        return False
 
 
 def local_batch_size(global_batch: int, world: int) -> int:
@@ -214,6 +299,9 @@ def _train(stage: Stage, dataset, cfg: RunConfig, out_dir: Path, time_budget: fl
         stage.compile()
     if world > 1:
         stage.wrap_ddp(device, BatchShard(rank, world), fsdp=sc.fsdp)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes every step: cuDNN times its conv algorithms once
+    dataset = stage.bind_data(dataset, device)  # e.g. every frame's latent onto the device, loader without frames
 
     global_batch = cfg.data.batch_size
     batch_size = local_batch_size(global_batch, world)
@@ -251,26 +339,22 @@ def _train(stage: Stage, dataset, cfg: RunConfig, out_dir: Path, time_budget: fl
         distributed.barrier()  # no rank runs ahead (or reads state.pt) before the write is complete
         return time.time() - t0
 
-    run_start = time.time()
-
     def gpu_seconds_now() -> float:
-        return gpu_seconds + (time.time() - run_start) * world
+        return gpu_seconds + (time.time() - t_start) * world
 
     # ---- train ----
     log_path = out_dir / METRICS_FILE
-    sums: dict[str, float] = {}
-    n_sum, t_log, metrics = 0, time.time(), {}
+    sums, metrics = MetricSums(), {}
+    t_log = time.time()
     # Until a save has been timed, keep 10% of the budget (at most 30 s) for the final checkpoint.
     save_margin = min(30.0, 0.1 * time_budget) if time_budget else 0.0
-    step_time, stopped = 0.0, "done"
+    budget = BudgetClock(time_budget, t_start, device) if time_budget is not None else None
+    stopped = "done"
     bar = tqdm(total=stop_at, initial=step, desc=stage.name, disable=not writer, dynamic_ncols=True)
     while step < stop_at:
-        if time_budget is not None:
-            over = time.time() - t_start + step_time + save_margin > time_budget
-            if distributed.max_over_ranks(float(over), device):  # every rank stops at the same step
-                stopped = "time_budget"
-                break
-        t0 = time.time()
+        if budget is not None and budget.over(step, save_margin):  # every rank stops at the same step
+            stopped = "time_budget"
+            break
         batch = to_device(next(batches), device)
         lr = set_lr(stage.optimizers, lr_factor(step, oc.warmup_steps, total, oc.lr_schedule, oc.min_lr_ratio))
         with autocast(device, sc.bf16):
@@ -279,30 +363,30 @@ def _train(stage: Stage, dataset, cfg: RunConfig, out_dir: Path, time_budget: fl
         if stage.ema is not None:
             stage.ema.update(stage.online, step)
         step += 1
-        step_time = 0.9 * step_time + 0.1 * (time.time() - t0) if step > 1 else time.time() - t0
-        for k, v in losses.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-        n_sum += 1
+        sums.add(losses)
         bar.update(1)
         if step % sc.log_every == 0 or step == stop_at or step == 1:
+            n = sums.count
+            metrics = distributed.mean_over_ranks(sums.means(), device)  # waits for the device: dt after it
             dt = time.time() - t_log
-            metrics = distributed.mean_over_ranks({k: v / n_sum for k, v in sums.items()}, device)
-            record = {"step": step, **metrics, "lr": lr, "samples_per_s": n_sum * global_batch / max(dt, 1e-9),
-                      "elapsed": time.time() - t_start}
+            record = {"step": step, **metrics, "lr": lr, "samples_per_s": n * global_batch / max(dt, 1e-9),
+                      "elapsed": time.time() - t_start, "gpu_s": gpu_seconds_now()}
             if writer:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
             bar.set_postfix({k: f"{v:.4g}" for k, v in list(metrics.items())[:3]})
-            sums, n_sum, t_log = {}, 0, time.time()
+            sums.reset()
+            t_log = time.time()
         if step % sc.checkpoint_every == 0 and step < stop_at:
             save_seconds = save(metrics)
-            if time_budget:
+            if budget is not None:
+                budget.exclude(save_seconds)
                 save_margin = 1.5 * save_seconds + 0.5
     bar.close()
     if stopped == "done" and step < total:
         stopped = "max_steps"
-    if sums:
-        metrics = distributed.mean_over_ranks({k: v / n_sum for k, v in sums.items()}, device)
+    if sums.count:
+        metrics = distributed.mean_over_ranks(sums.means(), device)
     save(metrics)
     return {"stage": stage.name, "step": step, "stopped": stopped, "metrics": metrics,
             "seconds": time.time() - t_start, "gpu_seconds": gpu_seconds_now(), "peak_mem": peak_memory(device),

@@ -3,7 +3,8 @@
 A stage is a small object; the loop (`worldmodel.training.loop`) owns resume, time budget, EMA updates,
 logging, the progress bar and atomic checkpoints. A stage's `step` computes its losses (calling the
 stage's pure loss functions), steps its own optimisers (DMD's critic/generator ratio lives there) and
-returns plain floats for the log.
+returns its log values as detached 0-dim tensors (or host floats): the loop sums them on the device and
+copies them to the host only at log lines, so no step waits for the GPU.
 """
 
 from __future__ import annotations
@@ -14,10 +15,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from worldmodel.training.batches import LatentBatcher
 from worldmodel.training.distributed import (
-    SINGLE, BatchShard, broadcast_module, full_tensors, local_value, rebind_optimizer, replicate, reshard,
-    shard_fully,
+    SINGLE, BatchShard, broadcast_module, dist_info, full_tensors, local_value, rebind_optimizer, replicate,
+    reshard, shard_fully,
 )
+
+Logs = dict[str, "torch.Tensor | float"]
+"""What `Stage.step` returns: name -> detached 0-dim tensor (left on the device) or host float."""
 
 
 class EMA:
@@ -35,8 +40,11 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         decay = 0.0 if step < self.start else self.decay
-        for ema_p, p in zip(self.model.parameters(), model.parameters()):
-            ema_p.lerp_(p.detach().to(ema_p.dtype), 1.0 - decay)
+        ema = list(self.model.parameters())
+        online = [p.detach().to(e.dtype) for e, p in zip(ema, model.parameters())]
+        # One multi-tensor kernel on CUDA instead of one lerp per parameter (a step of a small network is
+        # launch-bound); on the CPU it is the same per-tensor lerp as before.
+        torch._foreach_lerp_(ema, online, 1.0 - decay)
         for ema_b, b in zip(self.model.buffers(), model.buffers()):
             ema_b.copy_(b)
 
@@ -67,8 +75,13 @@ class Stage:
     find_unused_parameters: bool = False
     """DDP: True when a trainable module has parameters that get no gradient in a step."""
 
-    def step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, float]:
+    def step(self, batch: dict[str, torch.Tensor], step: int) -> Logs:
         raise NotImplementedError
+
+    def bind_data(self, dataset, device: torch.device):
+        """Called by the loop before it builds its DataLoader; returns the dataset to load batches from
+        (e.g. one without frames once their latents are on the device). Default: the dataset as is."""
+        return dataset
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         """Modules whose weights are part of the training state (online nets, critics)."""
@@ -118,6 +131,8 @@ class Stage:
         new = {old[id(m)][n]: p for m in modules for n, p in m.named_parameters()}
         for opt in self.optimizers.values():
             rebind_optimizer(opt, new)
+            # The fused AdamW kernel does not take DTensor shards in every torch release (pytorch#126670).
+            set_fused(opt, False)
 
     sharded: bool = False
 
@@ -143,20 +158,59 @@ class Stage:
             module.load_state_dict(state[name])
         for name, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
+            set_fused(opt, fused_on(opt.param_groups[0]["params"]))  # not the flag the state was saved with
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
 
 
+class LatentStage(Stage):
+    """A stage trained on the frozen autoencoder's latents (teacher, AR diffusion, Causal CD/ODE, DMD).
+
+    `batcher` turns batches into latents; with `stage.cache_latents` it encodes every frame of the
+    training data once in `bind_data`, and the DataLoader then ships clip positions instead of frames.
+    A stage built from given modules (tests) may have no batcher and take latent batches.
+    """
+
+    batcher: LatentBatcher | None = None
+
+    def bind_data(self, dataset, device: torch.device):
+        if self.batcher is None:
+            return dataset
+        return self.batcher.bind(dataset, progress=dist_info()[0] == 0)
+
+
+def fused_on(params) -> bool:
+    """Whether AdamW runs its fused kernel over `params`: on CUDA (one launch for every parameter instead of
+    several per parameter); on the CPU the default implementation, as before."""
+    params = list(params)
+    return bool(params) and all(p.device.type == "cuda" for p in params)
+
+
 def make_optimizer(params, lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with fp32 state; the loop scales each param group's lr from its `base_lr` (warm-up)."""
-    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    """AdamW with fp32 state (fused on CUDA); the loop scales each param group's lr from its `base_lr`."""
+    params = list(params)
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
+                             fused=fused_on(params) or None)
+
+
+def set_fused(optimizer: torch.optim.Optimizer, fused: bool) -> None:
+    """Switch AdamW to (or from) its fused kernel; a loaded state brings the flag it was saved with. Each
+    `step` counter moves to where that implementation keeps it (the fused one on the parameter's device,
+    the default one on the host, where reading it does not wait for the GPU)."""
+    for group in optimizer.param_groups:
+        group["fused"] = fused or None
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to(p.device if fused else "cpu", torch.float32)
 
 
 def optimizer_step(loss: torch.Tensor, module: nn.Module, optimizer: torch.optim.Optimizer,
-                   grad_clip: float) -> float:
-    """zero_grad -> backward -> clip -> step; returns the pre-clip gradient norm (for the log)."""
+                   grad_clip: float) -> torch.Tensor:
+    """zero_grad -> backward -> clip -> step; returns the pre-clip gradient norm (a detached 0-dim tensor
+    for the log: reading it here would wait for the device)."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     optimizer.step()
-    return float(local_value(norm))  # a DTensor under FSDP
+    return local_value(norm).detach()  # a DTensor under FSDP

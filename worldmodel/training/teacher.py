@@ -23,7 +23,7 @@ from worldmodel.models.autoencoder import Autoencoder
 from worldmodel.models.dit import WorldDiT
 from worldmodel.training.batches import LatentBatcher, check_pose_stats
 from worldmodel.training.registry import load_frozen, load_into, require_checkpoint
-from worldmodel.training.stage import EMA, Stage, make_optimizer, optimizer_step
+from worldmodel.training.stage import EMA, LatentStage, Logs, make_optimizer, optimizer_step
 
 Tensor = torch.Tensor
 
@@ -67,7 +67,7 @@ def check_latent_shape(cfg: RunConfig) -> None:
         )
 
 
-class DiTStage(Stage):
+class DiTStage(LatentStage):
     """A stage that trains one WorldDiT on latents (teacher, AR diffusion): batcher, net, EMA, AdamW."""
 
     init_required = False
@@ -78,7 +78,7 @@ class DiTStage(Stage):
         self.pose_stats = check_pose_stats(pose_stats, f"stage {self.name}")
         ae = load_frozen(sc.autoencoder, Autoencoder(cfg.autoencoder), {"autoencoder": cfg.autoencoder},
                          "autoencoder", self.name, device)
-        self.batcher = LatentBatcher(ae, self.pose_stats, device, bf16=sc.bf16, cache=sc.cache_latents)
+        self.batcher = LatentBatcher(ae, self.pose_stats, device, bf16=sc.bf16, table=sc.cache_latents)
         self.online = WorldDiT(cfg.dit).to(device)
         if sc.init or self.init_required:
             load_into(require_checkpoint(sc.init, "init", self.name), self.online, {"dit": cfg.dit}, self.pose_stats)
@@ -92,12 +92,12 @@ class DiTStage(Stage):
     def loss(self, x0: Tensor, pose: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def step(self, batch: dict[str, Tensor], step: int) -> dict[str, float]:
+    def step(self, batch: dict[str, Tensor], step: int) -> Logs:
         lat = self.batcher(batch)
         self.online.train()
         loss = self.loss(lat["x0"], lat["pose"])
         grad_norm = optimizer_step(loss, self.online, self.optimizers["dit"], self.grad_clip)
-        return {"loss": loss.item(), "grad_norm": grad_norm}
+        return {"loss": loss.detach(), "grad_norm": grad_norm}
 
 
 class TeacherStage(DiTStage):
