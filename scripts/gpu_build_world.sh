@@ -21,23 +21,34 @@ OUT=${OUT:-/tmp/out}
 DATA=${DATA:-/tmp/data} RUN=${RUN:-/tmp/run} PY=${PY:-python3}
 CONFIG=${CONFIG:-configs/default.yaml} PLAN=${PLAN:-configs/build_default.yaml}
 RECORD=${RECORD:---episodes 192 --heldout-episodes 8 --frames-per-episode 1000}
+SITE=${SITE:-/tmp/site}   # where the carried cp312 vizdoom wheel is unpacked; SITE=none uses the installed vizdoom
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD NCCL_NVLS_ENABLE=0
+export PYTHONUNBUFFERED=1 PYTHONPATH=$SITE:$PWD NCCL_NVLS_ENABLE=0
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader 2>/dev/null || echo "no GPU"
-[ -d /tmp/site/vizdoom ] || { mkdir -p /tmp/site && tar -xJf .carry/site.tar.xz -C /tmp/site; } || exit 1
+if [ "$SITE" != none ] && [ ! -d "$SITE/vizdoom" ]; then
+  mkdir -p "$SITE" && tar -xJf .carry/site.tar.xz -C "$SITE" || exit 1
+fi
+# AE_AB=1: the autoencoder's memory-format A/B (scripts/gpu_throughput.sh ae) runs on the GPU while the CPUs
+# record, and the faster layout is passed to the autoencoder stage.
+EXTRA=()
+if [ "${AE_AB:-0}" = 1 ]; then OUT=/tmp/ab bash scripts/gpu_throughput.sh ae > /tmp/ab.log 2>&1 & AB_PID=$!; fi
 if [ ! -f $DATA/manifest.json ]; then
   $PY -m data_tools.record --out $DATA $RECORD --workers "$(nproc)" --seed 0 --no-progress 2>&1 | tail -3
 fi
 # Episode hashes: the CPU re-records the same data for packaging, and these must match it.
 $PY -c "import json; e=json.load(open('$DATA/manifest.json'))['episodes']; print('episode sha256', [x['sha256'][:10] for x in e[:3] + e[-2:]])"
+if [ "${AE_AB:-0}" = 1 ]; then
+  wait $AB_PID; cat /tmp/ab.log; EXTRA+=("autoencoder.stage.channels_last=$(cat /tmp/channels_last 2>/dev/null || echo false)")
+  cp /tmp/ab/throughput.json "$OUT/throughput_ae.json" 2>/dev/null
+fi
 if [ ! -f $RUN/build.json ] && [ -f .carry/run/build.json ]; then
   cp -r .carry/run $RUN && echo "restored $RUN from .carry/run"
 fi
 LEFT=$(( BUDGET - ($(date +%s) - T0) - 15 ))   # 15 s to collect the files
 echo "build: stages $STAGES, budget ${LEFT}s"
 $PY -m worldmodel.build $DATA --out $RUN --config $CONFIG --plan $PLAN \
-  --stages "$STAGES" --time-budget "$LEFT" --export-split-mb 15 --no-package "$@" 2>&1 \
-  | tr '\r' '\n' | tee /tmp/build_log.txt | grep -v -E "it/s\]$|s/it\]$|^\s*$"
+  --stages "$STAGES" --time-budget "$LEFT" --export-split-mb 15 --no-package "${EXTRA[@]}" "$@" 2>&1 \
+  | tr '\r' '\n' | tee /tmp/build_log.txt | grep -v -E "[0-9]%\||^\s*$"
 echo "build exit ${PIPESTATUS[0]}"
 # The new exports, split (parts) or whole (small ones), then everything small in one tar.
 for s in ${STAGES//,/ }; do
@@ -46,6 +57,6 @@ for s in ${STAGES//,/ }; do
 done
 cp /tmp/build_log.txt $RUN/build_log_$(date +%H%M%S).txt
 cp $DATA/manifest.json $RUN/data_manifest.json
-(cd $RUN && tar -czf "$OUT/run_small.tar.gz" --exclude="*.safetensors*" --exclude=state.pt --exclude=ode_pairs .)
+(cd $RUN && tar -czf "$OUT/run_small.tar.gz" --exclude="*.safetensors*" --exclude=state.pt --exclude=ode_pairs --exclude="latents-*.pt" .)
 ls -la "$OUT"
 echo "call took $(( $(date +%s) - T0 ))s"

@@ -115,3 +115,17 @@ def test_pose_stats_mismatch_is_refused(trained):
     cfg = tiny_config(f"stage.init={out / 'teacher.safetensors'}", f"stage.autoencoder={ae}")
     with pytest.raises(CheckpointError, match="pose_stats"):
         build_stage("ar_diffusion", cfg, "cpu", other)
+
+
+def test_written_files_get_the_umask_permissions(tmp_path):
+    """Exports are shared files (copied off a GPU lease, committed): not the 0600 that safetensors creates."""
+    import os
+
+    from worldmodel.checkpoint import save_weights
+
+    old = os.umask(0o022)
+    try:
+        path = save_weights(tmp_path / "w", {"a": torch.zeros(2)}, {"x": 1})
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644

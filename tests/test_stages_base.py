@@ -2,6 +2,8 @@
 
 import json
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -127,6 +129,34 @@ def test_latent_table_equals_per_batch_encoding(data, ae_ckpt):
         torch.testing.assert_close(a["pose"], b["pose"], atol=0, rtol=0)
     with pytest.raises(ValueError, match="no latent table is bound"):
         plain(positions)
+
+
+def test_latent_table_is_kept_beside_the_autoencoder_and_read_back(data, ae_ckpt, tmp_path, monkeypatch):
+    """A later stage with the same autoencoder file and data reads the stored table instead of encoding;
+    another autoencoder file (other bytes) gets its own."""
+    import shutil
+
+    from worldmodel.training.batches import LatentTable
+
+    d, stats = data
+    ae_file = tmp_path / "autoencoder.safetensors"
+    shutil.copy(ae_ckpt, ae_file)
+    shutil.copy(Path(ae_ckpt).with_suffix(".json"), ae_file.with_suffix(".json"))
+    ae = build_stage("teacher", tiny_config(f"stage.autoencoder={ae_file}"), "cpu", stats).batcher.autoencoder
+    ds = ClipDataset(d, tiny_config().data.clip_frames)
+    first = LatentBatcher(ae, stats, "cpu", table=True, source=ae_file)
+    first.bind(ds, progress=False)
+    (stored,) = tmp_path.glob("latents-*.pt")
+    calls = []
+    monkeypatch.setattr(LatentTable, "encode", classmethod(lambda cls, *a, **k: calls.append(1)))
+    second = LatentBatcher(ae, stats, "cpu", table=True, source=ae_file)
+    second.bind(ds, progress=False)
+    assert calls == [] and torch.equal(second.table.latents, first.table.latents)
+    assert torch.equal(second.table.offsets, first.table.offsets)
+    other = tmp_path / "other" / "autoencoder.safetensors"
+    other.parent.mkdir()
+    other.write_bytes(ae_file.read_bytes() + b" ")
+    assert LatentBatcher(ae, stats, "cpu", table=True, source=other).table_file(ds).name != stored.name
 
 
 def collate(items):

@@ -30,10 +30,13 @@ class CheckpointError(RuntimeError):
 
 def _atomic_write(path: Path, write_fn) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A plain open() (not mkstemp, which makes 0600 files) so checkpoints get the umask's permissions.
+    # Checkpoints get the umask's permissions: safetensors' writer (like mkstemp) creates 0600 files.
     tmp = str(path.with_name(f".{path.name}.{os.getpid()}.tmp"))
     try:
         write_fn(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -9,6 +9,9 @@ Without one, each batch's frames are encoded as they come (no grad, bf16 autocas
 
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -140,6 +143,17 @@ class LatentTable:
                 bar.update(len(z))
         return cls(latents, offsets.to(device))
 
+    def save(self, path: Path) -> None:
+        """Atomically (temp file + rename): a table half written by an interrupted run is never read."""
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save({"latents": self.latents.cpu(), "offsets": self.offsets.cpu()}, tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path, device: torch.device | str) -> "LatentTable":
+        state = torch.load(path, map_location=device, weights_only=True)
+        return cls(state["latents"], state["offsets"])
+
     def lookup(self, episode: Tensor, start: Tensor, frames: int) -> Tensor:
         """episode, start (B,) clip positions on the table's device -> latents (B, frames, C, h, w) float32.
 
@@ -161,7 +175,8 @@ class LatentBatcher:
     """
 
     def __init__(self, autoencoder: nn.Module, pose_stats: dict[str, Any], device: torch.device | str,
-                 *, keep_frames: bool = False, bf16: bool = True, table: bool = False):
+                 *, keep_frames: bool = False, bf16: bool = True, table: bool = False,
+                 source: str | Path | None = None):
         self.device = torch.device(device)
         self.autoencoder = autoencoder.to(self.device).eval().requires_grad_(False)
         self.pose_stats = check_pose_stats(pose_stats, "LatentBatcher")
@@ -170,6 +185,9 @@ class LatentBatcher:
         self.bf16 = bf16
         self.use_table = table
         self.table: LatentTable | None = None
+        # The autoencoder checkpoint: the table is stored beside it, so that every later stage trained from
+        # the same autoencoder and data reads it instead of encoding every frame again (~13 GFLOP per frame).
+        self.source = Path(source) if source else None
 
     def bind(self, dataset, progress: bool = True):
         """With `table=True`: encode every frame of `dataset` into a LatentTable and return the dataset's
@@ -182,8 +200,27 @@ class LatentBatcher:
         if not dataset.with_frames:
             raise ValueError("LatentBatcher.bind needs the dataset with its frames (to encode them), got a "
                              "without_frames() view; pass the ClipDataset itself")
-        self.table = LatentTable.encode(dataset, self.autoencoder, self.device, bf16=self.bf16, progress=progress)
+        cached = self.table_file(dataset)
+        if cached is not None and cached.is_file():
+            self.table = LatentTable.load(cached, self.device)
+            if len(self.table.latents) != sum(int(dataset.manifest["episodes"][i]["frames"]) for i in dataset.episode_ids):
+                self.table = None  # not this dataset's split after all: encode it again
+        if self.table is None:
+            self.table = LatentTable.encode(dataset, self.autoencoder, self.device, bf16=self.bf16, progress=progress)
+            if cached is not None:
+                self.table.save(cached)
         return dataset.without_frames()
+
+    def table_file(self, dataset) -> Path | None:
+        """Where this autoencoder's table of `dataset` is kept: named by the checkpoint's and the data
+        manifest's sha256, the split and the encoding precision, so a changed input never matches."""
+        manifest = Path(getattr(dataset, "data_dir", "")) / "manifest.json"
+        if self.source is None or not self.source.is_file() or not manifest.is_file():
+            return None
+        h = hashlib.sha256(self.source.read_bytes())
+        h.update(manifest.read_bytes())
+        h.update(f"{sorted(dataset.episode_ids)}|{self.bf16 and self.device.type == 'cuda'}".encode())
+        return self.source.with_name(f"latents-{h.hexdigest()[:16]}.pt")
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -87,7 +87,7 @@ def make_batcher(cfg: RunConfig, device: torch.device, pose_stats: dict[str, Any
     ae = load_frozen(cfg.stage.autoencoder, Autoencoder(cfg.autoencoder), {"autoencoder": cfg.autoencoder},
                      "autoencoder", stage, device)
     return LatentBatcher(ae, check_pose_stats(pose_stats, f"stage {stage}"), device, bf16=cfg.stage.bf16,
-                         table=cfg.stage.cache_latents)
+                         table=cfg.stage.cache_latents, source=cfg.stage.autoencoder)
 
 
 def latent_batch(batch: dict[str, Tensor], batcher: LatentBatcher | None,

@@ -78,7 +78,8 @@ class DiTStage(LatentStage):
         self.pose_stats = check_pose_stats(pose_stats, f"stage {self.name}")
         ae = load_frozen(sc.autoencoder, Autoencoder(cfg.autoencoder), {"autoencoder": cfg.autoencoder},
                          "autoencoder", self.name, device)
-        self.batcher = LatentBatcher(ae, self.pose_stats, device, bf16=sc.bf16, table=sc.cache_latents)
+        self.batcher = LatentBatcher(ae, self.pose_stats, device, bf16=sc.bf16, table=sc.cache_latents,
+                                     source=sc.autoencoder)
         self.online = WorldDiT(cfg.dit).to(device)
         if sc.init or self.init_required:
             load_into(require_checkpoint(sc.init, "init", self.name), self.online, {"dit": cfg.dit}, self.pose_stats)
