@@ -102,16 +102,17 @@ class WorldBatch:
             self.noise[row].manual_seed(int(rng.integers(2**63 - 1)))
             self.start_index[row] = int(rng.integers(n_starts)) if start is None else int(start)
         idx = self.start_index
-        frames = self.world.start_frames[idx]  # (N, T0, H, W, 3)
+        frames = self.world.start_frames[idx]  # (N, T0, H, W, 3): the observation at a reset is the last one
+        latents = torch.from_numpy(self.world.start_latents[idx])  # (N, T0, C, h, w): what the generator starts from
         deltas = self.world.start_deltas[idx]  # (N, T0, 5)
         mask = np.zeros(self.num, bool)
         mask[rows] = True
         if mask.all() or not self.started:
-            self.generator.reset(torch.from_numpy(frames), torch.from_numpy(deltas), generator=self.noise)
+            self.generator.reset(latents, torch.from_numpy(deltas), generator=self.noise, latents=True)
             self.started = True
         else:
-            self.generator.reset_rows(torch.from_numpy(mask), torch.from_numpy(frames), torch.from_numpy(deltas),
-                                      generator=self.noise)
+            self.generator.reset_rows(torch.from_numpy(mask), latents, torch.from_numpy(deltas), generator=self.noise,
+                                      latents=True)
         for row in rows:
             self.frames[row] = frames[row, -1]
             self.poses[row] = self.world.start_poses[idx[row], -1]

@@ -76,8 +76,9 @@ def action_model(data_dir: Path, run_dir: Path, ledger: Ledger, sha: str):
 def package(student: str, cfgs: dict[str, RunConfig], statuses: dict[str, StageStatus], data_dir: Path,
             run_dir: Path, ledger: Ledger, manifest: dict, sha: str, *, device: str, eval_steps: tuple[int, ...],
             eval_horizons: tuple[int, ...], eval_episodes: int, starts: int) -> dict[str, Any]:
-    """Evaluate the student on held-out episodes and write RUN_DIR/world/ (atomically replaced);
-    returns the provenance written into world.json and RUN_DIR/provenance.json."""
+    """Evaluate the student on held-out episodes and write RUN_DIR/world/ (atomically replaced; with the
+    encoder, and the start frames encoded once by save_world); returns the provenance written into world.json
+    and RUN_DIR/provenance.json."""
     cfg = cfgs[student]
     student_w, ae_w = weights_path(run_dir, student), weights_path(run_dir, "autoencoder")
     model, am_report = action_model(data_dir, run_dir, ledger, sha)

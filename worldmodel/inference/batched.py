@@ -4,7 +4,8 @@ Two additions to `StreamingGenerator`, nothing changed in it:
 - noise per world: `reset(..., generator=[g_0, ..., g_{B-1}])` draws row b's noise from g_b only, so a
   world's frames do not depend on the batch it runs in (world i of a vector env = a single env seeded
   alike). A single `torch.Generator` (or None) keeps the parent's behaviour.
-- `reset_rows(mask, frames, deltas, generator)`: restart some worlds while the others keep their cache.
+- `reset_rows(mask, frames, deltas, generator, latents=False)`: restart some worlds while the others keep
+  their cache (latents=True: `frames` are latents (B, T0, C, h, w), as in reset()).
 
 The KV cache has one frame counter for the whole batch (rows share slots and window positions), so a
 restarted row cannot hold fewer frames than the others. reset_rows therefore writes the new context
@@ -33,12 +34,13 @@ class BatchedGenerator(StreamingGenerator):
         return torch.stack([torch.randn(shape[1:], generator=g, device=self.device, dtype=self.dtype) for g in gens])
 
     @torch.inference_mode()
-    def reset_rows(self, mask, context_frames, context_deltas, generator=None) -> None:
+    def reset_rows(self, mask, context_frames, context_deltas, generator=None, *, latents: bool = False) -> None:
         """Restart the worlds where mask (B,) is True from context_frames uint8 (B, T0, H, W, 3) and raw
-        context_deltas (B, T0, 5) (rows where mask is False are ignored); generator: as in reset()."""
+        context_deltas (B, T0, 5) (rows where mask is False are ignored); generator and latents: as in reset()
+        (latents=True: context_frames are latents (B, T0, C, h, w))."""
         mask = torch.as_tensor(mask, dtype=torch.bool).cpu()
         if self.cache is None or mask.all():
-            return self.reset(context_frames, context_deltas, generator)
+            return self.reset(context_frames, context_deltas, generator, latents=latents)
         B = self.cache.batch_size
         if mask.shape != (B,):
             raise ValueError(f"reset_rows: mask must be ({B},), got {tuple(mask.shape)}")
@@ -59,7 +61,7 @@ class BatchedGenerator(StreamingGenerator):
         first, queue = self._first, self._queue
         self.generator, self.cache = row_gens, None
         try:
-            super().reset(frames, deltas, row_gens)  # builds a fresh cache of len(rows) worlds
+            super().reset(frames, deltas, row_gens, latents=latents)  # builds a fresh cache of len(rows) worlds
             fresh = self.cache
         finally:
             self.cache, self.generator, self._first, self._queue = shared, all_gens, first, queue
