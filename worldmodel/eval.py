@@ -160,8 +160,11 @@ def markdown(report: dict) -> str:
 
 def evaluate(checkpoint: str | Path, autoencoder: str | Path, data_dir: str | Path, *, steps=(1, 2, 4),
              horizons=(1, 8, 32, 128), episodes: int = 8, context: int = 4, sampler: str = "auto",
-             euler_steps: int | None = None, device: str | torch.device = "cpu", seed: int = 0) -> dict[str, Any]:
-    """Run the fidelity evaluation; returns the report dict (see `markdown` for the table)."""
+             euler_steps: int | None = None, device: str | torch.device = "cpu", seed: int = 0,
+             first_frame_steps: int | None = None) -> dict[str, Any]:
+    """Run the fidelity evaluation; returns the report dict (see `markdown` for the table).
+    first_frame_steps: steps of the first generated frame (None: the checkpoint's generator config; 0: the
+    same as the sampler's, so horizon 1 measures the few-step sampler itself)."""
     device = torch.device(device)
     cfg, meta, dit, ae = load_models(checkpoint, autoencoder, device)
     stats = meta["pose_stats"]
@@ -185,7 +188,8 @@ def evaluate(checkpoint: str | Path, autoencoder: str | Path, data_dir: str | Pa
                                             sigmas=sigma_grid(n, cfg.flow.shift), device=device)))
     else:
         for k in steps:
-            gen_cfg = dataclasses.replace(cfg.generator, steps=k, block_size=1)
+            first = cfg.generator.first_frame_steps if first_frame_steps is None else (first_frame_steps or k)
+            gen_cfg = dataclasses.replace(cfg.generator, steps=k, block_size=1, first_frame_steps=first)
             gen = StreamingGenerator(dit, ae, stats, gen_cfg, cfg.flow, device=device)
             gens.append((f"{k}-step (first frame {gen_cfg.first_frame_steps})", gen))
     results = []
@@ -222,10 +226,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--euler-steps", type=int, default=None, help="Euler steps per frame (default flow.grid_size)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--first-frame-steps", type=int, default=None,
+                   help="steps of the first generated frame (default: the checkpoint's generator.first_frame_steps; "
+                        "0 = the sampler's own, so that h=1 measures it)")
     p.add_argument("--out", default="results.json", help="JSON report; a markdown table is written beside it (.md)")
     a = p.parse_args(argv)
     report = evaluate(a.checkpoint, a.autoencoder, a.data, steps=a.steps, horizons=a.horizons, episodes=a.episodes,
-                      context=a.context, sampler=a.sampler, euler_steps=a.euler_steps, device=a.device, seed=a.seed)
+                      context=a.context, sampler=a.sampler, euler_steps=a.euler_steps, device=a.device, seed=a.seed,
+                      first_frame_steps=a.first_frame_steps)
     write_report(a.out, report, markdown(report))
     return report
 
