@@ -36,7 +36,6 @@ frozen column are reported beside it; read them together.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Any
 
@@ -44,6 +43,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from benchmarks.world_cli import world_parser
 from data_tools.annotator import estimate_deltas
 from data_tools.eval_poses import compare
 from data_tools.poses import pose_deltas, wrap_degrees
@@ -343,12 +343,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.action_following", description=__doc__.split("\n")[0],
-                                epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--world", default=None, help="world directory (default: the packaged worldmodel/weights/)")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", default=None, help="bf16 / fp32 / ... (default: default_dtype(device))")
-    p.add_argument("--steps", type=int, choices=(1, 2, 4), default=None, help="sampler steps (default: the world's)")
+    p = world_parser("benchmarks.action_following", __doc__)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--starts", type=int, default=4, help="start contexts used (the first N of the world's)")
     p.add_argument("--scripts", nargs="+", default=list(SCRIPTS), choices=SCRIPTS)

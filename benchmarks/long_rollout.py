@@ -28,7 +28,6 @@ Memory is flat when RSS grows by at most MEMORY_GROWTH_MB from the first window 
 
 from __future__ import annotations
 
-import argparse
 import resource
 import sys
 import time
@@ -40,6 +39,7 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.action_following import finite_or_none, full_rate, open_engine
+from benchmarks.world_cli import world_parser
 from worldmodel.eval import write_report
 from worldmodel.inference.world import World, WorldError, default_device, default_dtype, resolve_dtype
 
@@ -311,12 +311,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.long_rollout", description=__doc__.split("\n")[0],
-                                epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--world", default=None, help="world directory (default: the packaged worldmodel/weights/)")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", default=None, help="bf16 / fp32 / ... (default: default_dtype(device))")
-    p.add_argument("--steps", type=int, choices=(1, 2, 4), default=None, help="sampler steps (default: the world's)")
+    p = world_parser("benchmarks.long_rollout", __doc__)
     p.add_argument("--seed", type=int, default=0, help="policy seed and the env's noise seed")
     p.add_argument("--frames", type=int, default=2000)
     p.add_argument("--window", type=int, default=100, help="frames per statistics window")

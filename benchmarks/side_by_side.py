@@ -19,7 +19,6 @@ at 100 dB), computed on the frames before upscaling and encoding.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from benchmarks.action_following import finite_or_none, open_engine, scripted_actions
+from benchmarks.world_cli import world_parser
 from worldmodel.eval import write_report
 from worldmodel.inference.world import World, WorldError
 
@@ -155,12 +155,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.side_by_side", description=__doc__.split("\n")[0],
-                                epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--world", default=None, help="world directory (default: the packaged worldmodel/weights/)")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", default=None, help="bf16 / fp32 / ... (default: default_dtype(device))")
-    p.add_argument("--steps", type=int, choices=(1, 2, 4), default=None, help="sampler steps (default: the world's)")
+    p = world_parser("benchmarks.side_by_side", __doc__)
     p.add_argument("--seed", type=int, default=0, help="the env's noise seed (and the engine's)")
     p.add_argument("--frames", type=int, default=120, help="video frames (the start + frames - 1 steps)")
     p.add_argument("--start", type=int, default=0, help="start context index")
