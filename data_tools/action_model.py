@@ -86,6 +86,20 @@ class ActionModel:
             A[k], B[k], c[k] = w[0], w[1:1 + ACTIONS], w[-1]
         return cls(A, B, c, frame)
 
+    @classmethod
+    def kinematic(cls, deltas, quantile: float = 0.95) -> "ActionModel":
+        """For data whose actions are unknown (ingested video): no momentum, each action drives its own pose
+        dimension at a full-press rate taken from the data, the `quantile` of |delta| (forward -> forward,
+        strafe -> strafe, turn -> dyaw, look -> dpitch; + turn = + dyaw as in the recorder's data)."""
+        deltas = np.asarray(deltas, np.float64).reshape(-1, DIMS)
+        if len(deltas) == 0:
+            raise ValueError("no pose deltas to take the action rates from")
+        rate = np.quantile(np.abs(deltas), quantile, axis=0)
+        B = np.zeros((DIMS, ACTIONS))
+        for action, dim in enumerate((0, 1, 3, 4)):
+            B[dim, action] = rate[dim]
+        return cls(np.zeros(DIMS), B, np.zeros(DIMS), "previous")
+
     # ---- use -----------------------------------------------------------------------------------
     def predict(self, prev_delta, action):
         """prev_delta (B,5), action (B,4) -> delta (B,5); numpy in numpy out, torch in torch out."""

@@ -68,3 +68,26 @@ def test_eval_cli_writes_json_and_table(run, tmp_path, ckpt, extra, label):
         assert r["latency"]["per_frame_s"] > 0
     table = out.with_suffix(".md").read_text()
     assert "copy-last PSNR" in table and "| 16 |" in table
+
+
+def test_fidelity_table_merges_reports_with_their_baselines(tmp_path):
+    """benchmarks.fidelity_table: one row per (report, sampler), copy-last and the ceiling as rows, numbers
+    taken from the reports (missing horizons shown as '-')."""
+    import json
+
+    from benchmarks import fidelity_table
+
+    def report(psnr):
+        m = {"model_psnr": psnr, "model_ssim": 0.5, "copy_last_psnr": 20.0, "copy_last_ssim": 0.4,
+             "ae_recon_psnr": 30.0, "ae_ssim": 0.9}
+        return {"results": [{"sampler": "2-step", "horizons": {"1": m, "8": m}}]}
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(report(25.0)))
+    b.write_text(json.dumps({"results": [{"sampler": "euler", "horizons": {"1": report(27.5)["results"][0]["horizons"]["1"]}}]}))
+    text = fidelity_table.main([f"A={a}", f"B={b}", "--out", str(tmp_path / "t.md")])
+    lines = text.splitlines()
+    assert lines[0] == "| model: sampler | h1 PSNR / SSIM | h8 PSNR / SSIM |"
+    assert "| A: 2-step | 25.00 / 0.500 | 25.00 / 0.500 |" in lines and "| B: euler | 27.50 / 0.500 | - |" in lines
+    assert "| copy last context frame | 20.00 / 0.400 | 20.00 / 0.400 |" in lines
+    assert (tmp_path / "t.md").read_text() == text

@@ -139,3 +139,35 @@ def test_frame_folder_and_cli(tmp_path):
                      "--min-clip-frames", "8", "--no-progress"])
     m = json.loads((tmp_path / "data" / "manifest.json").read_text())
     assert m["counts"]["episodes"] == 1 and m["fov"] == pytest.approx(90.0)
+
+
+def test_a_world_builds_from_ingested_videos_and_plays(videos, tmp_path):
+    """issue 9: the one command works from footage too. Ingested data has no actions (action_space known=false),
+    so the world gets a kinematic action model whose rates come from the footage's own pose deltas: turning
+    right in the env commands the yaw rate the camera actually turned at."""
+    import gymnasium as gym
+
+    import envs  # noqa: F401  (registers the ids)
+    from data_tools.action_model import ActionModel
+    from worldmodel.build import BuildOptions, build
+
+    data = tmp_path / "data"
+    ingest(videos, data, height=32, width=48, **OPTS)
+    config = __import__("pathlib").Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+    summary = build(data, tmp_path / "run", BuildOptions(
+        config=config, overrides=["stage.steps=2", "dmd.stage.critic_steps=1", "stage.log_every=1"], device="cpu",
+        eval_steps=(1,), eval_horizons=(1,), eval_episodes=1, starts=1))
+    assert summary["complete"] and summary["world"]
+    world_dir = tmp_path / "run" / "world"
+    am = ActionModel.from_json((world_dir / "action_model.json").read_text())
+    manifest = read_manifest(data)
+    yaw = np.abs(np.concatenate([pose_deltas(load_episode(data, e, manifest)["poses"])[:, 3]
+                                 for e in manifest["episodes"] if e["split"] == "train"]))
+    assert am.B[3, 2] == pytest.approx(np.quantile(yaw, 0.95)) and (am.A == 0).all()
+    assert summary["provenance"]["action_model"]["heldout_rmse"]["previous"]["kinematic"]
+    assert json.loads((world_dir / "world.json").read_text())["fps"] == manifest["fps"]
+    env = gym.make("worldmodel/DoomCamera-v0", world=world_dir, device="cpu", dtype="float32")
+    env.reset(seed=0)
+    obs, _, _, _, info = env.step(np.array([0.0, 0.0, 1.0, 0.0], np.float32))
+    assert obs.shape == (32, 48, 3) and info["pose_delta"][3] == pytest.approx(am.B[3, 2], rel=1e-4)
+    env.close()

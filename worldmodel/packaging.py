@@ -56,14 +56,21 @@ def start_contexts(data_dir: Path, manifest: dict, frames: int, count: int) -> t
 
 
 def action_model(data_dir: Path, run_dir: Path, ledger: Ledger, sha: str):
-    """Fit once per data manifest (cached in RUN_DIR/action_model.json)."""
+    """Fit once per data manifest (cached in RUN_DIR/action_model.json). Data without recorded actions
+    (ingested video: the manifest's action_space says known=false) gets a kinematic model instead, whose
+    rates come from the data's pose deltas, and its held-out error is measured the same way."""
     path = run_dir / "action_model.json"
     cached = ledger.data.get("action_model", {})
     if path.is_file() and cached.get("data_manifest_sha256") == sha:
         return ActionModel.from_json(path.read_text()), cached["report"]
-    shortest = min(e["frames"] for e in json.loads((data_dir / "manifest.json").read_text())["episodes"])
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    shortest = min(e["frames"] for e in manifest["episodes"])
+    horizon = max(1, min(32, shortest // 2))
     try:
-        model, report = fit_and_report(str(data_dir), horizon=max(1, min(32, shortest // 2)))
+        if manifest.get("action_space", {}).get("known", True):
+            model, report = fit_and_report(str(data_dir), horizon=horizon)
+        else:
+            model, report = kinematic_model(data_dir, horizon)
     except SystemExit as err:  # the CLI helper exits on a data dir without train episodes
         raise BuildError(f"cannot fit the action model: {err}") from None
     path.write_text(model.to_json())
@@ -71,6 +78,33 @@ def action_model(data_dir: Path, run_dir: Path, ledger: Ledger, sha: str):
     ledger.save()
     log(f"action model: frame={model.frame}, held-out open-loop RMSE/std {report[model.frame]['score']:.3f}")
     return model, report
+
+
+def kinematic_model(data_dir: Path, horizon: int) -> tuple[ActionModel, dict]:
+    """The action model of data without actions: rates from the train deltas; the report scores it on the
+    held-out deltas with the actions a player would press for them (each delta's sign at full rate)."""
+    from data_tools.action_model import rmse_one_step, rmse_open_loop
+    from data_tools.fit_action_model import load_split
+
+    train = load_split(str(data_dir), "train")
+    if train is None:
+        raise SystemExit(f"{data_dir}: no train episodes")
+    model = ActionModel.kinematic(train[1])
+    actions, deltas, starts = load_split(str(data_dir), "heldout") or train
+    pressed = np.sign(np.asarray(deltas)[:, [0, 1, 3, 4]]) * (np.abs(model.B).sum(0) > 0)
+    open_loop = rmse_open_loop(model, pressed, deltas, starts, horizon=horizon)
+    std = np.asarray(json.loads((data_dir / "manifest.json").read_text())["pose_stats"]["std"])
+    report = {"previous": {"one_step": rmse_one_step(model, pressed, deltas, starts).tolist(),
+                           "open_loop": open_loop.tolist(), "score": float((open_loop / std).mean()), "kinematic": True,
+                           "note": "actions unknown for this data: rates = 95th percentile of |delta| per dimension"}}
+    return model, report
+
+
+def world_fps(manifest: dict) -> float:
+    """Frames per second of the data: the ingested fps, or Doom's 35 tics / frame_skip for recordings."""
+    if manifest.get("fps"):
+        return float(manifest["fps"])
+    return 35.0 / max(1, int(manifest.get("frame_skip") or 1))
 
 
 def package(student: str, cfgs: dict[str, RunConfig], statuses: dict[str, StageStatus], data_dir: Path,
@@ -111,7 +145,7 @@ def package(student: str, cfgs: dict[str, RunConfig], statuses: dict[str, StageS
     }
     tmp, world = run_dir / "world.tmp", run_dir / "world"
     shutil.rmtree(tmp, ignore_errors=True)
-    fps = 35.0 / max(1, int(manifest.get("frame_skip", 1)))  # Doom tics at 35 Hz
+    fps = world_fps(manifest)
     save_world(tmp, dit, ae, cfg, manifest["pose_stats"], model, contexts, provenance, fps=fps)
     if world.exists():  # the old world goes only once the new one is complete
         shutil.move(str(world), str(run_dir / "world.old"))
