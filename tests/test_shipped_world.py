@@ -38,8 +38,8 @@ def test_decoder_reproduces_the_start_frames_from_their_latents(world):
 
 @pytest.mark.slow
 def test_the_student_turns_the_camera_as_commanded(world):
-    """Turn right, then left, at full rate from the same start: the project's pose annotator recovers the
-    sign of the turn from the generated frames (measured yaw gain of this world ~0.7, sign agreement ~0.9)."""
+    """Turn one way, then the other (+1 = left = +dyaw in the recorder's convention), at full rate from the
+    same start: the project's pose annotator recovers the sign of the turn from the generated frames (measured yaw gain of this world ~0.7, sign agreement ~0.9)."""
     import gymnasium as gym
 
     import envs  # noqa: F401  (registers the ids)

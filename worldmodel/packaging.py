@@ -67,7 +67,8 @@ def action_model(data_dir: Path, run_dir: Path, ledger: Ledger, sha: str):
     shortest = min(e["frames"] for e in manifest["episodes"])
     horizon = max(1, min(32, shortest // 2))
     try:
-        if manifest.get("action_space", {}).get("known", True):
+        space = manifest.get("action_space")
+        if not isinstance(space, dict) or space.get("known", True):  # recorder data (older ones: a list of names)
             model, report = fit_and_report(str(data_dir), horizon=horizon)
         else:
             model, report = kinematic_model(data_dir, horizon)
