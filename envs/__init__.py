@@ -13,10 +13,12 @@ from envs.vector_env import WorldModelVectorEnv
 
 MAX_EPISODE_STEPS = 1000
 ENV_IDS = ("worldmodel/Doom-v0", "worldmodel/DoomCamera-v0")
+REAL_ENV_IDS = ("worldmodel/DoomReal-v0", "worldmodel/DoomRealCamera-v0")
 
 
 def register_envs() -> None:
-    """Register both ids (idempotent): single entry point and natively batched vector entry point."""
+    """Register the ids (idempotent): the world model's (single and natively batched vector entry point) and
+    the real engine's (single; vectorise with gymnasium.vector.AsyncVectorEnv)."""
     for env_id, action_type in zip(ENV_IDS, ("keyboard", "camera")):
         if env_id in gymnasium.registry:
             continue
@@ -27,9 +29,14 @@ def register_envs() -> None:
             max_episode_steps=MAX_EPISODE_STEPS,
             kwargs={"action_type": action_type},
         )
+    for env_id, action_type in zip(REAL_ENV_IDS, ("keyboard", "camera")):  # the real engine, same task and spaces
+        if env_id in gymnasium.registry:
+            continue
+        gymnasium.register(id=env_id, entry_point="envs.doom_env:DoomRealEnv",
+                           max_episode_steps=MAX_EPISODE_STEPS, kwargs={"action_type": action_type})
 
 
 register_envs()
 
-__all__ = ["ACTION_NAMES", "DISCRETE_ACTIONS", "ENV_IDS", "ExploreReward", "WorldModelEnv",
+__all__ = ["ACTION_NAMES", "DISCRETE_ACTIONS", "ENV_IDS", "REAL_ENV_IDS", "ExploreReward", "WorldModelEnv",
            "WorldModelVectorEnv", "make_reward", "register_envs"]

@@ -35,12 +35,10 @@ def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:
 
 def engine_settings_for(world) -> Any:
     """RecordSettings matching a packaged world: its map (provenance), frame size and frame skip (from fps)."""
-    from data_tools.engine import RecordSettings
+    from envs.doom_env import record_settings, world_engine_spec
 
-    h, w, _ = world.frame_shape
-    data = (world.provenance or {}).get("data", {}) or {}
-    return RecordSettings(map=data.get("map") or "MAP01", height=h, width=w,
-                          frame_skip=max(1, round(35.0 / world.fps)))  # Doom runs 35 tics/s
+    _, map_name, frame_shape, fps = world_engine_spec(world)
+    return record_settings(map_name, frame_shape, fps)
 
 
 class CompareEnv:
