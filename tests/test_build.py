@@ -188,6 +188,10 @@ def test_split_and_join_round_trip(tmp_path):
     assert all(p.stat().st_size <= 2**20 for p in parts)
     assert split_large(tmp_path, 1) == []  # already split: nothing rewritten
     big.unlink()
+    world = tmp_path / "world"  # a packaged world reads its parts as they are: not joined
+    world.mkdir()
+    (world / "world.json").write_text("{}")
+    (world / "student.safetensors.part000").write_bytes(b"x")
     assert join_parts(tmp_path) == [big] and big.read_bytes() == payload
 
 

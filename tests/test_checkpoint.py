@@ -1,4 +1,4 @@
-"""Checkpoints: training state round trip, bf16 export as the next stage's start, clear errors."""
+"""Checkpoints: training state round trip, bf16 export as the next stage's start, split weights, clear errors."""
 
 import copy
 
@@ -7,7 +7,9 @@ import torch
 
 from data_tools.shards import ClipDataset, read_manifest
 from synthetic import make_autoencoder_checkpoint, make_data_dir, tiny_config
-from worldmodel.checkpoint import CheckpointError, load_training_state, load_weights
+from worldmodel.checkpoint import (
+    CheckpointError, load_training_state, load_weights, part_paths, read_tensors, save_weights, weights_exist,
+)
 from worldmodel.models.dit import WorldDiT
 from worldmodel.training.loop import train
 from worldmodel.training.registry import build_stage
@@ -129,3 +131,60 @@ def test_written_files_get_the_umask_permissions(tmp_path):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def _tensors(n: int = 6) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {f"t{i}": torch.randn(40, 25, generator=gen) for i in range(n)} | {"step": torch.arange(7)}
+
+
+def test_split_weights_round_trip_and_replace_the_other_form(tmp_path):
+    tensors = _tensors()
+    whole = save_weights(tmp_path / "whole", tensors, {"x": 1}, dtype=None)
+    split = save_weights(tmp_path / "w", tensors, {"x": 1}, dtype=None, part_bytes=10_000)
+    parts = part_paths(split)
+    assert not split.exists() and weights_exist(split) and len(parts) == -(-whole.stat().st_size // 10_000) > 2
+    assert [p.name for p in parts] == [f"w.safetensors.part{i:03d}" for i in range(len(parts))]
+    assert all(p.stat().st_size <= 10_000 for p in parts)
+    assert b"".join(p.read_bytes() for p in parts) == whole.read_bytes()  # the parts are the file, cut
+    back = read_tensors(split)
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], v) for k, v in tensors.items())
+    # A module loads from the parts like from the whole file.
+    net = torch.nn.Linear(25, 40)
+    save_weights(tmp_path / "net", net, {}, dtype=None, part_bytes=1000)
+    other = torch.nn.Linear(25, 40)
+    load_weights(tmp_path / "net", other)
+    assert torch.equal(other.weight, net.weight) and torch.equal(other.bias, net.bias)
+    # Fewer parts, the whole file, then parts again: no stale form or part is left to shadow the new one.
+    save_weights(split, _tensors(2), {}, dtype=None, part_bytes=10_000)
+    assert len(part_paths(split)) < len(parts) and read_tensors(split).keys() == _tensors(2).keys()
+    save_weights(split, tensors, {}, dtype=None, part_bytes=10**9)
+    assert split.is_file() and part_paths(split) == []
+    save_weights(split, tensors, {}, dtype=None, part_bytes=10_000)
+    assert not split.exists() and len(part_paths(split)) == len(parts)
+
+
+def test_missing_or_corrupt_parts_name_the_file(tmp_path):
+    split = save_weights(tmp_path / "w", _tensors(), {}, dtype=None, part_bytes=10_000)
+    parts = part_paths(split)
+    data = [p.read_bytes() for p in parts]
+    parts[1].unlink()  # a gap: named, not read as a shorter file
+    with pytest.raises(CheckpointError, match=r"w\.safetensors is split into parts but .*\.part001 is missing"):
+        read_tensors(split)
+    parts[1].write_bytes(data[1])
+    parts[0].unlink()
+    with pytest.raises(CheckpointError, match=r"part000 is missing"):
+        read_tensors(split)
+    parts[0].write_bytes(data[0])
+    parts[-1].unlink()  # the last part missing: the joined file is truncated
+    with pytest.raises(CheckpointError, match=r"w\.safetensors \(joined from \d+ parts\) is corrupt or truncated"):
+        read_tensors(split)
+    parts[-1].write_bytes(data[-1])
+    parts[0].write_bytes(b"\xff" * len(data[0]))  # a corrupt header
+    with pytest.raises(CheckpointError, match=r"w\.safetensors \(joined from \d+ parts\) is corrupt or truncated"):
+        load_weights(split, torch.nn.Linear(25, 40))
+    for p in parts:
+        p.unlink()
+    assert not weights_exist(split)
+    with pytest.raises(CheckpointError, match=r"w\.safetensors does not exist"):
+        read_tensors(split)

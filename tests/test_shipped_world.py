@@ -24,6 +24,8 @@ def test_loads_as_the_small_playable_format(world):
     assert world.start_latents.shape[:2] == world.start_frames.shape[:2]
     assert world.provenance["student_stage"] == "dmd" and world.provenance["eval"]["results"]
     size = sum(p.stat().st_size for p in DEFAULT_WORLD_DIR.iterdir())
+    biggest = max(DEFAULT_WORLD_DIR.iterdir(), key=lambda p: p.stat().st_size)
+    assert biggest.stat().st_size <= 16 * 2**20, f"{biggest} is over 16 MiB: save_world splits it (PART_BYTES)"
     assert size < 30e6, f"the packaged world is {size / 1e6:.1f} MB; issue 5 aims at <= 30 MB"
 
 

@@ -1,6 +1,6 @@
 """World format 2: a world without encoder.safetensors plays exactly like the same world with it (fp32 CPU),
 needs the encoder only to encode frames and then says so; format-1 worlds still load and match; the decoder
-file holds the decoder's parameters and nothing else; repack round-trips."""
+file holds the decoder's parameters and nothing else; repack round-trips; weights split into parts load alike."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from safetensors.torch import load_file, save_file
 import play
 from envs import WorldModelEnv, WorldModelVectorEnv
 from tests.world_fixture import make_tiny_world
+from worldmodel.checkpoint import part_paths
+from worldmodel.inference import world as world_module
 from worldmodel.inference.world import MissingEncoder, World, WorldError, main, repack, save_world
 from worldmodel.models.autoencoder import Autoencoder
 
@@ -172,3 +174,36 @@ def test_repack_round_trips(source, full_dir, v1_dir, tmp_path, capsys):
     np.testing.assert_array_equal(single_frames(World.load(tmp_path / "again")), single_frames(a))
     assert main(["repack", str(src), "--out", str(dst)]) == 2  # never over an existing world
     assert "exists and is not empty" in capsys.readouterr().err
+
+
+def test_world_with_split_weights_plays_exactly_like_the_whole_one(full_dir, tmp_path, monkeypatch):
+    """save_world splits every .safetensors over PART_BYTES (15 MiB: the shipped student); a tiny PART_BYTES
+    splits the tiny world's three, and the world loads, plays and repacks as the unsplit one."""
+    monkeypatch.setattr(world_module, "PART_BYTES", 50_000)
+    split = repack(full_dir, tmp_path / "split")
+    for name in ("student", "decoder", "encoder"):
+        whole, parts = full_dir / f"{name}.safetensors", part_paths(split / f"{name}.safetensors")
+        assert not (split / f"{name}.safetensors").exists() and len(parts) == -(-whole.stat().st_size // 50_000)
+        assert b"".join(p.read_bytes() for p in parts) == whole.read_bytes()
+    full, world = World.load(full_dir), World.load(split)
+    assert world.has_encoder
+    np.testing.assert_array_equal(single_frames(world), single_frames(full))
+    np.testing.assert_array_equal(vector_frames(world), vector_frames(full))
+    # Written again whole and without its encoder: no part of the old files stays behind.
+    monkeypatch.undo()
+    dit, ae = world.modules()
+    starts = {"frames": world.start_frames, "deltas": world.start_deltas, "poses": world.start_poses,
+              "latents": world.start_latents}
+    save_world(split, dit, ae, world.config, world.pose_stats, world.action_model, starts, world.provenance,
+               fps=world.fps, encoder=False)
+    assert sorted(p.name for p in split.iterdir()) == sorted(
+        ["student.safetensors", "student.json", "decoder.safetensors", "decoder.json", "world.json",
+         "action_model.json", "start_contexts.npz"])
+    assert (split / "student.safetensors").read_bytes() == (full_dir / "student.safetensors").read_bytes()
+    assert not World.load(split).has_encoder
+    # A missing part is named when the world loads its networks.
+    monkeypatch.setattr(world_module, "PART_BYTES", 50_000)
+    broken = repack(full_dir, tmp_path / "broken")
+    part_paths(broken / "student.safetensors")[1].unlink()
+    with pytest.raises(WorldError, match=r"student\.safetensors is split into parts but .*part001 is missing"):
+        World.load(broken).modules()

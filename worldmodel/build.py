@@ -40,7 +40,7 @@ from worldmodel.build_plan import (
     DEFAULT_STAGES, PIPELINE, STUDENT_ORDER, BuildError, Ledger, StageStatus, config_problems, file_sha256,
     load_plan, stage_configs, weights_path, wiring,
 )
-from worldmodel.checkpoint import CheckpointError, load_weights
+from worldmodel.checkpoint import CheckpointError, join_weights, load_weights, part_paths, remove_parts, write_parts
 from worldmodel.config import RunConfig, from_dict
 from worldmodel.packaging import log, package, sample_strip
 from worldmodel.report import write_report
@@ -70,9 +70,9 @@ class BuildOptions:
     starts: int = 8
     """Start contexts packaged with the world."""
     split_mb: float | None = None
+    """Also write every .safetensors over this size as NAME.safetensors.partNNN pieces (for transport)."""
     package: bool = True
     """False: train only (e.g. on a lent GPU); a later call on any machine with the data packages the world."""
-    """Also write every .safetensors over this size as NAME.safetensors.partNNN pieces (for transport)."""
 
 
 # ---- checks before anything is written -------------------------------------------------------------
@@ -203,39 +203,23 @@ def run_stage(name: str, cfg: RunConfig, status: StageStatus, data_dir: Path, ru
 # ---- transport of large files ------------------------------------------------------------------------
 
 def split_large(run_dir: Path, mb: float) -> list[Path]:
-    """NAME.safetensors over `mb` MiB -> NAME.safetensors.part000, part001, ... beside it."""
+    """NAME.safetensors over `mb` MiB -> NAME.safetensors.part000, part001, ... beside it (the whole file
+    stays: the run reads it); parts of a file now under the limit go."""
     limit, written = int(mb * 2**20), []
     for path in sorted(run_dir.rglob("*.safetensors")):
-        old = sorted(path.parent.glob(path.name + ".part[0-9][0-9][0-9]"))
         data = path.read_bytes()
-        if len(data) > limit and old and b"".join(p.read_bytes() for p in old) == data:
-            continue  # parts already up to date
-        for p in old:
-            p.unlink()
         if len(data) <= limit:
-            continue
-        for i in range(0, len(data), limit):
-            part = path.with_name(f"{path.name}.part{i // limit:03d}")
-            part.write_bytes(data[i:i + limit])
-            written.append(part)
+            remove_parts(path)
+        elif b"".join(p.read_bytes() for p in part_paths(path)) != data:  # else the parts are up to date
+            written += write_parts(path, data, limit)
     return written
 
 
 def join_parts(run_dir: Path) -> list[Path]:
-    """Rebuild every NAME.safetensors that is missing but whose .partNNN pieces are present."""
-    joined = []
-    for first in sorted(run_dir.rglob("*.safetensors.part000")):
-        whole = first.with_name(first.name[: -len(".part000")])
-        if whole.exists():
-            continue
-        parts = sorted(first.parent.glob(whole.name + ".part[0-9][0-9][0-9]"))
-        tmp = whole.with_name(whole.name + ".joining")
-        with open(tmp, "wb") as f:
-            for p in parts:
-                f.write(p.read_bytes())
-        tmp.rename(whole)
-        joined.append(whole)
-    return joined
+    """Rebuild every NAME.safetensors that is missing but whose .partNNN pieces are present (the stages and
+    the ledger read whole files); a world directory stays as save_world split it: World.load reads parts."""
+    wholes = [p.with_name(p.name[: -len(".part000")]) for p in sorted(run_dir.rglob("*.safetensors.part000"))]
+    return [join_weights(w) for w in wholes if not w.exists() and not (w.parent / "world.json").is_file()]
 
 
 # ---- the build ---------------------------------------------------------------------------------------

@@ -3,6 +3,9 @@
 Two kinds, one job each:
 - weights: `PATH.safetensors` + `PATH.json` (config, stage, step, data manifest hash, metrics, ...).
   Loading checks the config the caller expects against the one stored and names every mismatch.
+  A large file may instead be stored as `PATH.safetensors.part000, part001, ...` (at most PART_BYTES
+  each, whose concatenation is the file): a 16 MiB limit per file holds where the weights travel (git, a
+  lent GPU's returned files). Reading joins the parts when the whole file is absent.
 - training state: one `torch.save` file holding everything needed to resume (models, EMA,
   optimisers, step, RNG, data position, resolved config).
 Both are written to a temporary file in the same directory and renamed, so a crash mid-write never
@@ -18,10 +21,13 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save
 from torch import nn
 
 from worldmodel.config import diff_configs
+
+
+PART_BYTES = 15 * 2**20  # a part stays under the 16 MiB a transported or tracked file may have
 
 
 class CheckpointError(RuntimeError):
@@ -51,13 +57,85 @@ def weights_paths(path: str | Path) -> tuple[Path, Path]:
     return path.with_suffix(".safetensors"), path.with_suffix(".json")
 
 
+def _part(st_path: Path, i: int) -> Path:
+    return st_path.with_name(f"{st_path.name}.part{i:03d}")
+
+
+def part_paths(path: str | Path) -> list[Path]:
+    """The existing PATH.safetensors.part000, part001, ... in order (gaps included as found)."""
+    st_path, _ = weights_paths(path)
+    return sorted(st_path.parent.glob(st_path.name + ".part[0-9][0-9][0-9]"))
+
+
+def weights_exist(path: str | Path) -> bool:
+    """PATH.safetensors is there, whole or as parts."""
+    st_path, _ = weights_paths(path)
+    return st_path.is_file() or _part(st_path, 0).is_file()
+
+
+def write_parts(path: str | Path, data: bytes, part_bytes: int = PART_BYTES) -> list[Path]:
+    """`data` as PATH.safetensors.part000, ... of at most `part_bytes` each (each written atomically);
+    parts left over from a longer earlier file are removed. A whole PATH.safetensors is left as it is."""
+    st_path, _ = weights_paths(path)
+    if part_bytes < 1:
+        raise ValueError(f"part_bytes must be >= 1, got {part_bytes}")
+    written = []
+    for i in range(0, len(data), part_bytes):
+        part = _part(st_path, i // part_bytes)
+        _atomic_write(part, lambda tmp, chunk=data[i:i + part_bytes]: Path(tmp).write_bytes(chunk))
+        written.append(part)
+    for stale in part_paths(st_path)[len(written):]:
+        stale.unlink()
+    return written
+
+
+def remove_parts(path: str | Path) -> None:
+    for part in part_paths(path):
+        part.unlink()
+
+
+def remove_weights(path: str | Path) -> None:
+    """Delete PATH.safetensors (whole and parts) and PATH.json, whichever exist."""
+    st_path, json_path = weights_paths(path)
+    remove_parts(st_path)
+    st_path.unlink(missing_ok=True)
+    json_path.unlink(missing_ok=True)
+
+
+def read_parts(path: str | Path) -> bytes:
+    """The bytes of PATH.safetensors joined from its parts; an error names a missing part."""
+    st_path, _ = weights_paths(path)
+    parts = part_paths(st_path)
+    if not parts:
+        raise CheckpointError(f"checkpoint {st_path} does not exist (whole or as {_part(st_path, 0).name}, ...)")
+    gaps = sorted({_part(st_path, i) for i in range(int(parts[-1].name[-3:]) + 1)} - set(parts))
+    if gaps:
+        raise CheckpointError(f"checkpoint {st_path} is split into parts but {', '.join(p.name for p in gaps)} "
+                              "is missing; re-export or re-download it")
+    return b"".join(p.read_bytes() for p in parts)
+
+
+def join_weights(path: str | Path) -> Path:
+    """Write PATH.safetensors whole (atomically) from its parts, which stay; for readers of one file."""
+    st_path, _ = weights_paths(path)
+    data = read_parts(st_path)
+    _atomic_write(st_path, lambda tmp: Path(tmp).write_bytes(data))
+    return st_path
+
+
 def save_weights(
     path: str | Path,
     weights: nn.Module | dict[str, torch.Tensor],
     meta: dict[str, Any],
     dtype: torch.dtype | None = torch.bfloat16,
+    part_bytes: int | None = None,
 ) -> Path:
-    """Write weights as safetensors (floating tensors cast to `dtype`) and `meta` as JSON beside them."""
+    """Write weights as safetensors (floating tensors cast to `dtype`) and `meta` as JSON beside them.
+
+    part_bytes: a file larger than this is written as PATH.safetensors.partNNN pieces instead of the whole
+    file (read_tensors joins them); None: always whole. Whichever form is not written is removed, so a stale
+    copy never shadows the new one.
+    """
     st_path, json_path = weights_paths(path)
     tensors = weights.state_dict() if isinstance(weights, nn.Module) else weights
     out = {}
@@ -66,7 +144,13 @@ def save_weights(
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         out[name] = t.contiguous()
-    _atomic_write(st_path, lambda tmp: save_file(out, tmp))
+    data = save(out)
+    if part_bytes is not None and len(data) > part_bytes:
+        write_parts(st_path, data, part_bytes)
+        st_path.unlink(missing_ok=True)  # read_tensors prefers the whole file
+    else:
+        _atomic_write(st_path, lambda tmp: Path(tmp).write_bytes(data))
+        remove_parts(st_path)
     _atomic_write(json_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, default=str)))
     return st_path
 
@@ -82,13 +166,19 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of PATH.safetensors, or of its parts joined where the whole file is absent."""
     st_path, _ = weights_paths(path)
-    if not st_path.is_file():
+    if st_path.is_file():
+        where, read = st_path, lambda: load_file(str(st_path))
+    elif part_paths(st_path):
+        data = read_parts(st_path)
+        where, read = f"{st_path} (joined from {len(part_paths(st_path))} parts)", lambda: load(data)
+    else:
         raise CheckpointError(f"checkpoint {st_path} does not exist")
     try:
-        return load_file(str(st_path))
+        return read()
     except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {st_path} is corrupt or truncated ({err}); re-export or re-download it") from None
+        raise CheckpointError(f"checkpoint {where} is corrupt or truncated ({err}); re-export or re-download it") from None
 
 
 def check_config(path: str | Path, meta: dict[str, Any], expected: dict[str, Any] | None) -> None:

@@ -10,6 +10,9 @@ Layout of a world directory (default: the package's `worldmodel/weights/`):
     start_contexts.npz                  frames uint8 (N,T0,H,W,3), deltas (N,T0,5) raw, poses (N,T0,5),
                                         latents float32 (N,T0,C,h,w): the frames encoded once at packaging
 
+A .safetensors over checkpoint.PART_BYTES (15 MiB) is written as NAME.safetensors.part000, part001, ...
+instead (the shipped student: 19.7 MB in two parts), so that no file passes 16 MiB; loading joins them.
+
 Generators start from the latents, so a world without encoder.safetensors plays, steps and records exactly
 as one with it; only encoding frames (a reset from raw frames) needs the encoder, and says so.
 Format 1 (autoencoder.safetensors with both halves, no latents) still loads: its start frames are encoded
@@ -36,7 +39,7 @@ import numpy as np
 import torch
 
 from data_tools.action_model import ActionModel
-from worldmodel.checkpoint import CheckpointError, load_weights, save_weights
+from worldmodel.checkpoint import PART_BYTES, CheckpointError, load_weights, remove_weights, save_weights, weights_exist
 from worldmodel.config import RunConfig, from_dict
 from worldmodel.inference.batched import BatchedGenerator
 from worldmodel.inference.generator import autoencoder_on, encode_frames
@@ -142,7 +145,7 @@ class World:
         if version > FORMAT_VERSION:
             raise WorldError(f"{path / 'world.json'} has format_version {version}, this code reads "
                              f"up to {FORMAT_VERSION}; update the worldmodel package")
-        missing = [name for name in (FILES if version >= 2 else FILES_V1) if not (path / name).is_file()]
+        missing = [name for name in (FILES if version >= 2 else FILES_V1) if not _exists(path / name)]
         if missing:
             raise WorldError(f"world {path} lacks {', '.join(missing)}; {_HOW_TO_GET}")
         try:
@@ -155,7 +158,7 @@ class World:
         except Exception as err:  # the action model's own parser decides what is malformed
             raise WorldError(f"{path / 'action_model.json'} is malformed ({err}); {_HOW_TO_GET}") from None
         frames, deltas, poses, latents = _read_starts(path / "start_contexts.npz", config, version >= 2)
-        has_encoder = version < 2 or (path / "encoder.safetensors").is_file()
+        has_encoder = version < 2 or weights_exist(path / "encoder")
         ae = None
         if latents is None:  # format 1: encode the start frames once, with the whole autoencoder
             ae = _load_autoencoder(path, config, version, has_encoder)
@@ -236,13 +239,13 @@ def save_world(
     out.mkdir(parents=True, exist_ok=True)
     pose_stats = {k: [float(v) for v in np.asarray(pose_stats[k]).reshape(-1)] for k in ("mean", "std")}
     meta = {"pose_stats": pose_stats, "provenance": provenance}
-    save_weights(out / "student", dit, {**meta, "config": {"dit": dataclasses.asdict(cfg.dit)}})
+    save_weights(out / "student", dit, {**meta, "config": {"dit": dataclasses.asdict(cfg.dit)}}, part_bytes=PART_BYTES)
     ae_meta = {**meta, "config": {"autoencoder": dataclasses.asdict(cfg.autoencoder)}}
-    save_weights(out / "decoder", {k: v for k, v in weights.items() if k not in encoder_weights}, ae_meta)
-    for name in ("encoder.safetensors", "encoder.json"):  # never an old encoder beside a new decoder
-        (out / name).unlink(missing_ok=True)
+    decoder_weights = {k: v for k, v in weights.items() if k not in encoder_weights}
+    save_weights(out / "decoder", decoder_weights, ae_meta, part_bytes=PART_BYTES)
+    remove_weights(out / "encoder")  # never an old encoder (whole or parts) beside a new decoder
     if encoder:
-        save_weights(out / "encoder", encoder_weights, ae_meta)
+        save_weights(out / "encoder", encoder_weights, ae_meta, part_bytes=PART_BYTES)
     (out / "action_model.json").write_text(action_model.to_json())
     np.savez(out / "start_contexts.npz", frames=frames, deltas=deltas, poses=poses, latents=latents)
     info = {"format_version": FORMAT_VERSION, "config": cfg.to_dict(), "pose_stats": pose_stats,
@@ -302,6 +305,11 @@ def _load_autoencoder(path: Path, cfg: RunConfig, version: int, has_encoder: boo
     except CheckpointError as err:
         raise WorldError(f"{err}; {_HOW_TO_GET}") from None
     return ae.eval()
+
+
+def _exists(path: Path) -> bool:
+    """A world file is there; a .safetensors counts whole or as its parts."""
+    return weights_exist(path) if path.suffix == ".safetensors" else path.is_file()
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from worldmodel.checkpoint import CheckpointError, load_weights, read_meta, weights_paths
+from worldmodel.checkpoint import CheckpointError, load_weights, read_meta, weights_exist, weights_paths
 from worldmodel.config import RunConfig
 
 # name -> "module:Class"; imported on first use so `--help` and the CPU tests stay light.
@@ -70,8 +70,8 @@ def require_checkpoint(path: str, field: str, stage: str) -> Path:
             f"stage, e.g. runs/X/{field if field != 'init' else 'teacher'}.safetensors); pass it as an override"
         )
     st_path, json_path = weights_paths(path)
-    for p in (st_path, json_path):
-        if not p.is_file():
+    for p, there in ((st_path, weights_exist(st_path)), (json_path, json_path.is_file())):  # weights: or its parts
+        if not there:
             raise CheckpointError(f"stage {stage}: stage.{field}={path} -> {p} does not exist")
     return st_path
 
