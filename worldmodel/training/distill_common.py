@@ -16,11 +16,10 @@ from torch import nn
 
 from worldmodel.config import RunConfig
 from worldmodel.diffusion.flow import guided, x0_from_v
-from worldmodel.models.autoencoder import Autoencoder
 from worldmodel.models.dit import WorldDiT
-from worldmodel.training.batches import LatentBatcher, check_pose_stats
+from worldmodel.training.batches import LatentBatcher
 from worldmodel.training.registry import load_frozen, load_into, require_checkpoint
-from worldmodel.training.teacher import check_latent_shape
+from worldmodel.training.teacher import make_batcher  # noqa: F401  (the distillation stages import it from here)
 
 Tensor = torch.Tensor
 # fn(x_noisy (B,T,C,h,w), sigma (B,)) -> v or x0 (B,T,C,h,w)
@@ -75,19 +74,6 @@ def load_trainable(path: str, field: str, cfg: RunConfig, device: torch.device,
     model = WorldDiT(cfg.dit)
     load_into(require_checkpoint(path, field, stage), model, {"dit": cfg.dit}, pose_stats)
     return model.to(device).train()
-
-
-def make_batcher(cfg: RunConfig, device: torch.device, pose_stats: dict[str, Any] | None, stage: str,
-                 required: bool = True) -> LatentBatcher | None:
-    """The frozen encoder turning raw batches into latents. Required when the stage is built from
-    checkpoints; a stage built from given modules (tests) may go without and take latent batches."""
-    if not cfg.stage.autoencoder and not required:
-        return None
-    check_latent_shape(cfg)
-    ae = load_frozen(cfg.stage.autoencoder, Autoencoder(cfg.autoencoder), {"autoencoder": cfg.autoencoder},
-                     "autoencoder", stage, device)
-    return LatentBatcher(ae, check_pose_stats(pose_stats, f"stage {stage}"), device, bf16=cfg.stage.bf16,
-                         table=cfg.stage.cache_latents, source=cfg.stage.autoencoder)
 
 
 def latent_batch(batch: dict[str, Tensor], batcher: LatentBatcher | None,

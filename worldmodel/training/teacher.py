@@ -8,7 +8,7 @@ sliding window. Pose dropout: with probability `flow.pose_dropout` a clip's whol
 the null embedding (pose_keep False), so guidance on the pose is possible later.
 
 The pieces shared with stage 2 (pose dropout, the flow loss, building/initialising a DiT stage) live
-here as functions.
+here as functions; `make_batcher` (the frozen encoder as a batcher) serves the distillation stages too.
 """
 
 from __future__ import annotations
@@ -67,19 +67,28 @@ def check_latent_shape(cfg: RunConfig) -> None:
         )
 
 
+def make_batcher(cfg: RunConfig, device: torch.device, pose_stats: dict[str, Any] | None, stage: str,
+                 required: bool = True) -> LatentBatcher | None:
+    """The frozen encoder turning raw batches into latents. Required when the stage is built from
+    checkpoints; a stage built from given modules (tests) may go without and take latent batches."""
+    if not cfg.stage.autoencoder and not required:
+        return None
+    check_latent_shape(cfg)
+    ae = load_frozen(cfg.stage.autoencoder, Autoencoder(cfg.autoencoder), {"autoencoder": cfg.autoencoder},
+                     "autoencoder", stage, device)
+    return LatentBatcher(ae, check_pose_stats(pose_stats, f"stage {stage}"), device, bf16=cfg.stage.bf16,
+                         table=cfg.stage.cache_latents, source=cfg.stage.autoencoder)
+
+
 class DiTStage(LatentStage):
     """A stage that trains one WorldDiT on latents (teacher, AR diffusion): batcher, net, EMA, AdamW."""
 
     init_required = False
 
     def __init__(self, cfg: RunConfig, device: torch.device, pose_stats: dict[str, Any] | None):
-        check_latent_shape(cfg)
         sc, oc = cfg.stage, cfg.optim
         self.pose_stats = check_pose_stats(pose_stats, f"stage {self.name}")
-        ae = load_frozen(sc.autoencoder, Autoencoder(cfg.autoencoder), {"autoencoder": cfg.autoencoder},
-                         "autoencoder", self.name, device)
-        self.batcher = LatentBatcher(ae, self.pose_stats, device, bf16=sc.bf16, table=sc.cache_latents,
-                                     source=sc.autoencoder)
+        self.batcher = make_batcher(cfg, device, self.pose_stats, self.name)
         self.online = WorldDiT(cfg.dit).to(device)
         if sc.init or self.init_required:
             load_into(require_checkpoint(sc.init, "init", self.name), self.online, {"dit": cfg.dit}, self.pose_stats)
