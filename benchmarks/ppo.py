@@ -233,7 +233,7 @@ class Trainer:
             raise ValueError(f"PPO state was trained with {state['cfg']}, not {dataclasses.asdict(self.cfg)}")
         self.policy.load_state_dict(state["policy"])
         self.opt.load_state_dict(state["opt"])
-        self.rng.set_state(state["rng"])
-        self.shuffle.set_state(state["shuffle"])
+        self.rng.set_state(state["rng"].cpu())  # RNG states are CPU byte tensors, whatever map_location did
+        self.shuffle.set_state(state["shuffle"].cpu())
         self.iteration, self.env_steps = state["iteration"], state["env_steps"]
         self.train_seconds, self.curve, self.snapshots = state["train_seconds"], state["curve"], state["snapshots"]

@@ -40,10 +40,16 @@ NUM_ACTIONS = len(ACTION_NAMES)
 
 # ----- environments -----
 
-def model_venv(world, num_envs: int, device: str | None, steps: int | None):
+def model_venv(world, num_envs: int, device: str | None, steps: int | None, collision: str | None = None):
     from envs.vector_env import WorldModelVectorEnv
 
-    return WorldModelVectorEnv(num_envs, world=world, steps=steps, device=device, task=TASK, task_kwargs=TASK_KWARGS)
+    return WorldModelVectorEnv(num_envs, world=world, steps=steps, device=device, task=TASK, task_kwargs=TASK_KWARGS,
+                               collision=collision)
+
+
+def agent_name(where: str, collision: str | None) -> str:
+    """ppo_model, ppo_model_walls (trained in the world model with the collision gate), ppo_engine."""
+    return f"ppo_{where}" + ("_walls" if collision and where == "model" else "")
 
 
 def engine_venv(spec, num_envs: int, start_per_env: bool = False):
@@ -71,7 +77,9 @@ def load_world(path: str | None):
 # ----- baselines -----
 
 class ScriptedExplorer:
-    """Walk forward; after 2 steps without moving 4 map units, turn one way for 3-8 steps (real pose only)."""
+    """Walk forward, reading the engine's pose: after 2 steps that moved less than 8 map units (a wall), turn
+    one way for 5-12 steps (70-170 deg); after 20-50 steps of free walking, veer for 2-6 steps so as not to
+    run the same line back and forth. Privileged (the real pose), so it is the bar a pixel agent aims at."""
 
     def __init__(self, num: int, seed: int):
         self.rng = np.random.default_rng(seed)
@@ -79,19 +87,29 @@ class ScriptedExplorer:
         self.stuck = np.zeros(num, np.int64)
         self.turning = np.zeros(num, np.int64)
         self.turn = np.full(num, TURN_LEFT)
+        self.walk_left = self.rng.integers(20, 51, num)
+        self.walked = np.zeros(num, bool)
+
+    def _start_turns(self, rows: np.ndarray, low: int, high: int) -> None:
+        n = int(rows.sum())
+        self.turning[rows] = self.rng.integers(low, high + 1, n)
+        self.turn[rows] = self.rng.choice([TURN_LEFT, TURN_RIGHT], n)
+        self.walk_left[rows] = self.rng.integers(20, 51, n)
 
     def __call__(self, pose: np.ndarray) -> np.ndarray:
         pose = np.asarray(pose, np.float64)
-        if self.prev is not None:
+        free = self.turning == 0
+        if self.prev is not None:  # only a step that walked can show a wall (turning in place moves nothing)
             moved = np.hypot(*(pose[:, :2] - self.prev[:, :2]).T)
-            self.stuck = np.where(moved < 4.0, self.stuck + 1, 0)
+            self.stuck = np.where(self.walked & (moved < 8.0), self.stuck + 1, 0)
         self.prev = pose
-        start = (self.stuck >= 2) & (self.turning == 0)
-        n = int(start.sum())
-        self.turning[start] = self.rng.integers(3, 9, n)
-        self.turn[start] = self.rng.choice([TURN_LEFT, TURN_RIGHT], n)
-        self.stuck[start] = 0
+        stuck = free & (self.stuck >= 2)
+        self._start_turns(stuck, 5, 12)
+        self.stuck[stuck] = 0
+        self._start_turns(free & ~stuck & (self.walk_left <= 0), 2, 6)
         action = np.where(self.turning > 0, self.turn, FORWARD)
+        self.walked = action == FORWARD
+        self.walk_left = np.where(self.turning > 0, self.walk_left, self.walk_left - 1)
         self.turning = np.maximum(self.turning - 1, 0)
         return action
 
@@ -117,13 +135,13 @@ def train(args) -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     world = load_world(args.world)
     if args.where == "model":
-        venv = model_venv(world, args.num_envs, str(device), args.steps)
+        venv = model_venv(world, args.num_envs, str(device), args.steps, args.collision)
     else:
         from envs.doom_env import world_engine_spec
 
         venv = engine_venv(world_engine_spec(world), args.num_envs)
     trainer = Trainer(venv, NUM_ACTIONS, cfg, device, seed=args.seed)
-    path = out / f"ppo_{args.where}.pt"
+    path = out / f"{agent_name(args.where, args.collision)}.pt"
     if path.exists():
         trainer.load_state_dict(load_training_state(path, map_location=device))
         print(f"resumed {path}: iteration {trainer.iteration}, {trainer.env_steps} env steps")
@@ -176,11 +194,10 @@ def evaluate(args) -> None:
     spec = world_engine_spec(world)
     n, steps = args.seeds, args.episode_steps
     size = PPOConfig().obs_size
-    agents = {}
-    for where in ("model", "engine"):
-        path = Path(args.agents) / f"ppo_{where}.pt"
-        if path.exists():
-            agents[where] = load_training_state(path, map_location="cpu")
+    names = args.names or sorted(p.stem for p in Path(args.agents).glob("ppo_*.pt"))
+    agents = {name: load_training_state(Path(args.agents) / f"{name}.pt", map_location="cpu") for name in names}
+    if any(name.endswith("_walls") for name in agents) and not args.collision:
+        raise SystemExit("an agent trained with walls needs --collision PATH for its in-model evaluation")
     engine = engine_venv(spec, n, start_per_env=True)
     result: dict[str, Any] = {"task": TASK, "task_kwargs": TASK_KWARGS, "episode_steps": steps, "seeds": n,
                               "machine": machine(), "engine": {}, "model": {}, "training": {}}
@@ -195,11 +212,14 @@ def evaluate(args) -> None:
     for kind in ("random", "scripted"):
         ep = run(engine, kind, args.seed)
         result["engine"][kind] = {**mean_ci(ep["returns"].cpu()), "steps_per_s": n * steps / ep["seconds"]}
-    model = model_venv(world, n, str(device), args.steps) if agents else None
+    models: dict[bool, Any] = {}
     videos = {}
-    for where, state in agents.items():
+    for name, state in agents.items():
         policy = load_policy(state, state["policy"], device)
-        name = f"ppo_{where}"
+        walls = name.endswith("_walls")
+        if walls not in models:
+            models[walls] = model_venv(world, n, str(device), args.steps, args.collision if walls else None)
+        model = models[walls]
         ep = run(engine, "policy", args.seed, policy, record=True)
         result["engine"][name] = {**mean_ci(ep["returns"].cpu()), "steps_per_s": n * steps / ep["seconds"]}
         videos[(name, "engine")] = ep
@@ -221,9 +241,13 @@ def evaluate(args) -> None:
             "machine": state.get("machine"), "curve": state["curve"], "engine_curve": curve,
             "last_return_in_training_env": last.get("return_mean")}
     engine.close()
-    if model is not None:
+    for model in models.values():
         model.close()
     out.mkdir(parents=True, exist_ok=True)
+    if args.merge and (out / "sim2real.json").exists():  # keep agents evaluated earlier, update the rest
+        old = json.loads((out / "sim2real.json").read_text())
+        for key in ("engine", "model", "training"):
+            result[key] = {**old.get(key, {}), **result[key]}
     (out / "sim2real.json").write_text(json.dumps(result, indent=1))
     (out / "sim2real.md").write_text(markdown(result))
     print(markdown(result))
@@ -316,6 +340,8 @@ def main(argv=None) -> None:
         s.add_argument("--episode-steps", type=int, default=200)
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--out", required=True, help="folder of agents (train) / results (evaluate)")
+        s.add_argument("--collision", default=None, help="collision gate (envs/collision.py) for the world model: "
+                       "train: the agent is ppo_model_walls; evaluate: the in-model runs of *_walls agents")
     t = sub.choices["train"]
     t.add_argument("--where", choices=("model", "engine"), required=True)
     t.add_argument("--num-envs", type=int, default=64, help="worlds (model) or engine processes (engine)")
@@ -328,6 +354,8 @@ def main(argv=None) -> None:
     e.add_argument("--seeds", type=int, default=20, help="evaluation episodes (one engine process each)")
     e.add_argument("--max-snapshots", type=int, default=10, help="snapshots evaluated in the engine per agent")
     e.add_argument("--no-video", action="store_true")
+    e.add_argument("--names", nargs="*", default=None, help="agents to evaluate (default: every ppo_*.pt in --agents)")
+    e.add_argument("--merge", action="store_true", help="update an existing OUT/sim2real.json instead of replacing it")
     pl = sub.add_parser("plot")
     pl.add_argument("--result", required=True, help="sim2real.json of evaluate")
     pl.add_argument("--png", required=True)

@@ -76,11 +76,18 @@ class WorldBatch:
         steps: int | None = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
+        collision: str | Path | torch.nn.Module | None = None,
     ):
         self.world = world
         self.num = num_worlds
         self.device = torch.device(device) if device is not None else default_device()
         self.generator = world.generator(num_worlds, steps=steps, device=self.device, dtype=dtype)
+        # Optional walls (envs/collision.py): the frame shown gates the action model's forward/strafe.
+        self.collision = None
+        if collision is not None:
+            from envs.collision import load
+
+            self.collision = load(collision, self.device) if isinstance(collision, (str, Path)) else collision
         # One reward object per world: rewards like "explore" keep episode state.
         self.rewards = [copy.deepcopy(reward_fn) for _ in range(num_worlds)]
         h, w, _ = world.frame_shape
@@ -125,6 +132,10 @@ class WorldBatch:
         """Advance every world by one frame. actions: canonical (N, 4) -> (frames, rewards (N,), latency_ms)."""
         assert self.started, "reset the worlds before stepping them"
         deltas = np.asarray(self.world.action_model.predict(self.prev_deltas, actions), np.float32)  # (N, 5)
+        if self.collision is not None:
+            from envs.collision import gate_deltas
+
+            deltas = gate_deltas(self.collision, self.frames, deltas, self.device)
         t0 = time.perf_counter()
         frames = self.generator.step(torch.from_numpy(deltas)).cpu().numpy()  # uint8 (N, H, W, 3)
         latency_ms = (time.perf_counter() - t0) * 1000.0

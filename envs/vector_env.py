@@ -49,6 +49,7 @@ class WorldModelVectorEnv(gymnasium.vector.VectorEnv):
         pitch: bool = True,
         max_episode_steps: int | None = None,
         report_latency: bool = False,
+        collision: str | Path | torch.nn.Module | None = None,
     ):
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
@@ -65,7 +66,7 @@ class WorldModelVectorEnv(gymnasium.vector.VectorEnv):
         self.action_space = batch_space(self.single_action_space, num_envs)
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self._core = WorldBatch(self.world, num_envs, make_reward(task, reward_fn, **(task_kwargs or {})),
-                                steps=steps, device=device, dtype=dtype)
+                                steps=steps, device=device, dtype=dtype, collision=collision)
         self._rngs: list[np.random.Generator] | None = None  # one per world, as a single env's np_random
         self._steps = np.zeros(num_envs, np.int64)
         self._autoreset = np.zeros(num_envs, bool)

@@ -23,7 +23,8 @@ class WorldModelEnv(gymnasium.Env):
     Each step turns the action into a camera pose change with the world's fitted action model (Doom has
     momentum, so the change also depends on the previous one), and the streaming generator produces the
     next frame conditioned on that pose change. There are no walls, enemies or items in the *dynamics*:
-    the camera moves where it is told; what it sees is whatever the model imagines.
+    the camera moves where it is told (unless a `collision` gate is given); what it sees is whatever the
+    model imagines.
 
     ## Action Space
 
@@ -72,7 +73,8 @@ class WorldModelEnv(gymnasium.Env):
     `worldmodel.inference.world.default_dtype(device)`: bf16 on GPUs and AMX/AVX512-BF16 CPUs, else fp32),
     `reward_fn` or `task` ("none", "explore") with `task_kwargs`, `render_mode` ("rgb_array", "human"),
     `action_type`, `pitch`, `max_episode_steps` (None: the TimeLimit wrapper of `gymnasium.make` ends episodes),
-    `report_latency`.
+    `report_latency`, `collision` (a fitted `envs/collision.py` gate, path or module: the frame shown scales
+    the action model's forward/strafe, so the camera stops at walls it sees; default None: no walls).
 
     ## Version History
 
@@ -95,6 +97,7 @@ class WorldModelEnv(gymnasium.Env):
         pitch: bool = True,
         max_episode_steps: int | None = None,
         report_latency: bool = False,
+        collision: str | Path | torch.nn.Module | None = None,
     ):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
@@ -106,7 +109,7 @@ class WorldModelEnv(gymnasium.Env):
         self.max_episode_steps = max_episode_steps
         self.report_latency = report_latency
         self._core = WorldBatch(self.world, 1, make_reward(task, reward_fn, **(task_kwargs or {})),
-                                steps=steps, device=device, dtype=dtype)
+                                steps=steps, device=device, dtype=dtype, collision=collision)
         self._steps = 0
         self._window = None
 

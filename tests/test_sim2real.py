@@ -11,6 +11,7 @@ from gymnasium.vector.utils import batch_space
 
 from benchmarks.ppo import PPOConfig, Trainer, advantages, preprocess
 from benchmarks.sim2real import FORWARD, ScriptedExplorer, mean_ci
+from tests.world_fixture import tiny_world, tiny_world_dir  # noqa: F401 (fixtures)
 
 
 class ColourVectorEnv(gymnasium.vector.VectorEnv):
@@ -149,3 +150,44 @@ def test_real_engine_env_shares_the_task_and_spaces():
                           fps=8.75)
     assert made.action_space.shape == (4,)
     made.close()
+
+
+def test_collision_gate_learns_walls_from_the_frame(tmp_path):
+    from envs.collision import IN_SIZE, fit, load, save
+
+    rng = np.random.default_rng(0)
+    n = 1500
+    wall = rng.random(n) < 0.5
+    frames = rng.integers(0, 60, (n, *IN_SIZE, 3)).astype(np.uint8)
+    frames[wall, 10:40, :, 0] = 250  # a red wall in view: the engine stops the player
+    kin = np.stack([rng.uniform(5, 25, n), rng.uniform(-10, 10, n)], 1).astype(np.float32)
+    real = np.where(wall[:, None], 0.0, kin).astype(np.float32)
+    net, metrics = fit({"frames": frames, "kinematic": kin, "realised": real}, epochs=6, batch=64, progress=False)
+    assert metrics["val_mse"] < 0.1 * metrics["val_mse_ungated"], metrics
+    save(net, tmp_path / "walls", {"metrics": metrics})
+    again = load(tmp_path / "walls")
+    f, k = torch.as_tensor(frames[:8]), torch.as_tensor(kin[:8])
+    assert torch.allclose(net(f, k), again(f, k))
+    with pytest.raises(ValueError, match="not a collision model"):
+        from worldmodel.checkpoint import save_weights
+
+        save_weights(tmp_path / "other", {"w": torch.zeros(1)}, {"kind": "policy"})
+        load(tmp_path / "other")
+
+
+def test_closed_gate_stops_the_world_models_camera(tiny_world):
+    from envs import WorldModelVectorEnv
+    from envs.collision import CollisionNet
+
+    shut = CollisionNet(width=4)
+    torch.nn.init.constant_(shut.head[-1].bias, -30.0)  # gate ~0: every wall closed
+    env = WorldModelVectorEnv(2, world=tiny_world, device="cpu", dtype="float32", collision=shut)
+    free = WorldModelVectorEnv(2, world=tiny_world, device="cpu", dtype="float32")
+    for e in (env, free):
+        e.reset(seed=0)
+    for _ in range(3):
+        pose = env.step(np.array([FORWARD, FORWARD]))[4]["pose"]
+        free_pose = free.step(np.array([FORWARD, FORWARD]))[4]["pose"]
+    start = tiny_world.start_poses[env._core.start_index, -1]
+    assert np.abs(pose[:, :2] - start[:, :2]).max() < 1e-3  # forward and strafe gated to 0: the camera stays
+    assert np.abs(free_pose[:, :2] - start[:, :2]).max() > 1.0  # without the gate it walks
