@@ -1,5 +1,6 @@
 """Speed of the shipped architecture: `python -m benchmarks.speed [--device cpu|cuda] [--dtype fp32|bf16]
-[--sizes config XXS XS S M] [--batches 1 8 64 256] [--frames N] [--out results.json]`.
+[--sizes config XXS XS S M] [--batches 1 8 64 256] [--paths eager static graph | --graphs] [--frames N]
+[--out results.json]`.
 
 For each DiT size x decoder width x sampler x batch B it measures, with decoding to uint8 frames on the
 host always included:
@@ -15,6 +16,12 @@ Samplers: frame-wise StreamingGenerator with 1, 2, 4 steps (frame-1, frame-2, fr
 (block of 3 frames) with 4 steps (chunk3-4), and the many-step teacher as worldmodel.eval runs it
 (teacher: WindowedEulerGenerator, flow.grid_size Euler steps over a clip_frames window, no cache). All
 rows of one size use the same weights in the same run, so their ratios hold.
+
+Paths of the frame-wise samplers (--paths; --graphs = all three): "eager" = StreamingGenerator.step as
+it is; "static" = its steady-state frames through worldmodel.inference.graphed.StaticFrameStep run eagerly
+(fewer, fused ops on static buffers); "graph" = the same step captured as a CUDA graph (CUDA only; on other
+devices these rows are skipped, being the static rows). The capture happens in the warm-up calls and is
+reported apart (capture_ms). Chunk-wise and teacher rows are eager only.
 
 Weights are random (speed does not depend on the values; the zero-initialised adaLN gates are filled
 so that every path carries non-trivial numbers). Other processes on the machine slow it down: the load
@@ -52,6 +59,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.y
 SAMPLERS: dict[str, tuple[int, int] | None] = {
     "frame-1": (1, 1), "frame-2": (2, 1), "frame-4": (4, 1), "chunk3-4": (4, 3), "teacher": None,
 }
+# path -> StreamingGenerator(fast=...)
+PATHS = {"eager": "off", "static": "static", "graph": "graph"}
 POSE_STATS = {"mean": [0.0] * 5, "std": [1.0] * 5}
 NOTE = "random weights: speed does not depend on the weight values"
 
@@ -132,9 +141,11 @@ def _context(cfg: RunConfig, batch: int, frames: int, rng: np.random.Generator) 
 
 @torch.inference_mode()
 def bench_streaming(cfg: RunConfig, dit: WorldDiT, ae: Autoencoder, *, steps: int, block_size: int, batch: int,
-                    calls: int, device: torch.device, dtype: torch.dtype, seed: int) -> dict[str, float]:
+                    calls: int, device: torch.device, dtype: torch.dtype, seed: int, path: str = "eager",
+                    channels_last: bool = True) -> dict[str, Any]:
     gen_cfg = dataclasses.replace(cfg.generator, steps=steps, block_size=block_size)
-    gen = StreamingGenerator(dit, ae, POSE_STATS, gen_cfg, cfg.flow, device=device, dtype=dtype)
+    gen = StreamingGenerator(dit, ae, POSE_STATS, gen_cfg, cfg.flow, device=device, dtype=dtype, fast=PATHS[path],
+                             channels_last=channels_last)
     rng = np.random.default_rng(seed)
     g = torch.Generator(device).manual_seed(seed)
     delta = torch.zeros(batch, 5)
@@ -149,16 +160,24 @@ def bench_streaming(cfg: RunConfig, dit: WorldDiT, ae: Autoencoder, *, steps: in
     z = torch.randn(batch, n, *gen.latent_shape, generator=torch.Generator().manual_seed(seed))
     gen.reset(z, torch.zeros(batch, n, 5), g, latents=True)
     times = []
-    for i in range(calls + 2):  # 2 warm-up calls: the first uses first_frame_steps
+    warm = 2 if path == "eager" else 3  # the first uses first_frame_steps; a fast path builds (captures) in the 2nd
+    for i in range(calls + warm):
         _sync(device)
         t = time.perf_counter()
         for _ in range(block_size):  # the product's API: one step() per displayed frame
             gen.step(delta).cpu()
-        if i >= 2:
+        if i >= warm:
             times.append(time.perf_counter() - t)
+    extra: dict[str, Any] = {}
+    if path != "eager":
+        fs = gen._frame_step
+        if fs is None or not gen.fast_ready():
+            raise RuntimeError(f"speed: the {path} path was never taken (block_size {block_size}, window not full?)")
+        extra = {"graphed": bool(fs.graphs and fs._captured.get(True) is not None),
+                 "capture_ms": 1e3 * fs.capture_s.get(True, 0.0), "capture_error": fs.capture_error}
     z1 = torch.randn(batch, 1, *gen.latent_shape, device=device, dtype=dtype)
     decode = _best_time(lambda: gen.decode(z1).cpu(), device, 3)
-    return {"first_frame_ms": 1e3 * first, **_summary(times), "decode_ms": 1e3 * decode}
+    return {"first_frame_ms": 1e3 * first, **_summary(times), "decode_ms": 1e3 * decode, **extra}
 
 
 @torch.no_grad()
@@ -205,18 +224,25 @@ def cost_of(cfg: RunConfig, sampler: str, batch: int, bytes_per_el: int) -> tupl
 
 def run(cfg: RunConfig, *, device: torch.device, dtype: torch.dtype, sizes: list[str], decoder_widths: list[int | None],
         samplers: list[str], batches: list[int], teacher_batches: list[int], frames: int, teacher_frames: int,
-        peak_flops: float | None = None, bandwidth: float | None = None, seed: int = 0) -> dict[str, Any]:
+        peak_flops: float | None = None, bandwidth: float | None = None, seed: int = 0,
+        paths: list[str] | None = None, channels_last: bool = True) -> dict[str, Any]:
     """Measure every combination; returns the report (rows + machine + roofline)."""
+    paths = paths or ["eager"]
+    if "graph" in paths and device.type != "cuda":
+        print(f"speed: no CUDA graphs on {device}: the 'graph' rows would be the 'static' rows; skipped", file=sys.stderr)
+        paths = [p for p in paths if p != "graph"] or ["static"]
     if peak_flops is None or bandwidth is None:
         measured = measure_peak(device, dtype)
         peak_flops = peak_flops or measured[0]
         bandwidth = bandwidth or measured[1]
     bpe = torch.empty((), dtype=dtype).element_size()
-    jobs = [(s, w, sm, b) for s in sizes for w in decoder_widths for sm in samplers
-            for b in (teacher_batches if SAMPLERS[sm] is None else batches)]
+    frame_wise = lambda sm: SAMPLERS[sm] is not None and SAMPLERS[sm][1] == 1  # noqa: E731
+    jobs = [(s, w, sm, b, pa) for s in sizes for w in decoder_widths for sm in samplers
+            for b in (teacher_batches if SAMPLERS[sm] is None else batches)
+            for pa in (paths if frame_wise(sm) else ["eager"])]
     rows, built = [], {}
     load_start = os.getloadavg()
-    for size, width, sampler, batch in tqdm(jobs, desc="speed", unit="row"):
+    for size, width, sampler, batch, path in tqdm(jobs, desc="speed", unit="row"):
         if (size, width) not in built:
             built = {(size, width): build(cfg, size, width, seed)}  # one pair of modules alive at a time
         run_cfg, dit, ae = built[(size, width)]
@@ -227,7 +253,7 @@ def run(cfg: RunConfig, *, device: torch.device, dtype: torch.dtype, sizes: list
             steps, block = spec
             calls = max(1, -(-frames // block))
             res = bench_streaming(run_cfg, dit, ae, steps=steps, block_size=block, batch=batch, calls=calls,
-                                  device=device, dtype=dtype, seed=seed)
+                                  device=device, dtype=dtype, seed=seed, path=path, channels_last=channels_last)
         cost, per_call = cost_of(run_cfg, sampler, batch, bpe)
         floor = cost.floor_s(peak_flops, bandwidth)
         rows.append({
@@ -235,7 +261,8 @@ def run(cfg: RunConfig, *, device: torch.device, dtype: torch.dtype, sizes: list
             "dit_params_m": dit_params(run_cfg.dit) / 1e6,
             "decoder_width": run_cfg.autoencoder.decoder_base_channels,
             "decoder_params_m": decoder_params(run_cfg.autoencoder) / 1e6,
-            "sampler": sampler, "batch": batch, "frames_per_call": per_call, **res,
+            "sampler": sampler, "path": path, "batch": batch, "frames_per_call": per_call,
+            "decoder_layout": "channels_last" if channels_last else "contiguous", **res,
             "fps": batch * per_call / (res["step_mean_ms"] / 1e3),
             "gflop_per_frame": cost.flops / (batch * per_call) / 1e9, "mb_per_call": cost.bytes / 1e6,
             "floor_ms": 1e3 * floor, "x_floor": res["step_median_ms"] / (1e3 * floor),
@@ -244,6 +271,7 @@ def run(cfg: RunConfig, *, device: torch.device, dtype: torch.dtype, sizes: list
     return {"note": NOTE, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
             "machine": machine_info(device), "peak_flops": peak_flops, "bandwidth": bandwidth,
             "load_avg_start": load_start, "load_avg_end": os.getloadavg(), "rows": rows,
+            "decoder_layout": "channels_last" if channels_last else "contiguous",
             "config": {"generator": dataclasses.asdict(cfg.generator), "frame": [cfg.data.frame_height, cfg.data.frame_width],
                        "teacher_euler_steps": cfg.flow.grid_size, "teacher_window": cfg.data.clip_frames}}
 
@@ -254,17 +282,20 @@ def markdown(report: dict[str, Any]) -> str:
     load = ", ".join(f"{x:.2f}" for x in report["load_avg_start"])
     lines = [f"Device {report['device']} ({where}), {report['dtype']}, torch {m['torch']}; {report['note']}.",
              f"Roofline: {report['peak_flops'] / 1e9:.0f} GFLOP/s, {report['bandwidth'] / 1e9:.1f} GB/s; "
-             f"load average at start {load}.", "",
+             f"load average at start {load}; decoder {report.get('decoder_layout', 'channels_last')}.", "",
              "| DiT (M params) | decoder width | sampler | B | first frame ms | step ms median | p90 | frames/s | "
-             "GFLOP/frame | floor ms | x floor | decode ms | load |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "GFLOP/frame | floor ms | x floor | decode ms | load | capture ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         sampler = r["sampler"] + (f" ({r['frames_per_call']} fr/step)" if r["frames_per_call"] > 1 else "")
+        if r.get("path", "eager") != "eager":
+            sampler += f" {r['path']}" + ("" if r["path"] != "graph" or r.get("graphed") else " (capture FAILED: eager)")
         decode = f"{r['decode_ms']:.1f}" if "decode_ms" in r else "-"
+        capture = f"{r['capture_ms']:.0f}" if r.get("graphed") else "-"
         lines.append(f"| {r['dit']} ({r['dit_params_m']:.1f}) | {r['decoder_width']} | {sampler} | {r['batch']} | "
                      f"{r['first_frame_ms']:.0f} | {r['step_median_ms']:.1f} | {r['step_p90_ms']:.1f} | {r['fps']:.1f} | "
                      f"{r['gflop_per_frame']:.2f} | {r['floor_ms']:.2f} | {r['x_floor']:.1f} | {decode} | "
-                     f"{r['load_avg_1min']:.1f} |")
+                     f"{r['load_avg_1min']:.1f} | {capture} |")
     return "\n".join(lines) + "\n"
 
 
@@ -283,6 +314,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--batches", type=int, nargs="+", default=None, help="default: 1 8 64 256 on CUDA, 1 8 on CPU")
     p.add_argument("--teacher-batches", type=int, nargs="+", default=None,
                    help="batches for the teacher (default: --batches on CUDA, 1 on CPU: ~100x a student frame)")
+    p.add_argument("--paths", nargs="+", default=None, choices=list(PATHS),
+                   help="frame-wise paths to measure (default: eager); see the module docstring")
+    p.add_argument("--graphs", action="store_true", help="= --paths eager static graph")
+    p.add_argument("--decoder-layout", choices=["channels_last", "contiguous"], default="channels_last",
+                   help="the decoder's memory format (StreamingGenerator channels_last)")
     p.add_argument("--frames", type=int, default=20, help="steady-state generator calls measured per row")
     p.add_argument("--teacher-frames", type=int, default=3, help="steady-state teacher frames measured per row")
     p.add_argument("--peak-flops", type=float, default=None, help="FLOP/s for the floor (default: measured matmul)")
@@ -300,7 +336,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = run(load_config(a.config), device=device, dtype=dtype, sizes=a.sizes,
                  decoder_widths=a.decoder_widths or [None], samplers=a.samplers, batches=batches,
                  teacher_batches=teacher_batches, frames=a.frames, teacher_frames=a.teacher_frames,
-                 peak_flops=a.peak_flops, bandwidth=a.bandwidth, seed=a.seed)
+                 peak_flops=a.peak_flops, bandwidth=a.bandwidth, seed=a.seed,
+                 paths=a.paths or (list(PATHS) if a.graphs else ["eager"]),
+                 channels_last=a.decoder_layout == "channels_last")
     report["command"] = "python -m benchmarks.speed " + " ".join(argv if argv is not None else sys.argv[1:])
     write_report(a.out, report, markdown(report))
     return report

@@ -170,3 +170,19 @@ def test_window_reuse_in_forward_cached_is_bit_identical(block):
     reference = stream(torch.enable_grad)
     for ctx in (torch.no_grad, torch.inference_mode):
         assert all(torch.equal(a, b) for a, b in zip(reference, stream(ctx)))
+
+
+def test_speed_benchmark_measures_the_static_path_beside_eager(tmp_path, capsys):
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(TINY_YAML)
+    out = tmp_path / "speed.json"
+    report = speed.main(["--config", str(cfg_path), "--device", "cpu", "--frames", "2", "--samplers", "frame-2", "chunk3-4",
+                         "--batches", "1", "--graphs", "--threads", "1", "--peak-flops", "1e10", "--bandwidth", "1e10",
+                         "--out", str(out)])
+    rows = {(r["sampler"], r["path"]): r for r in report["rows"]}
+    # No CUDA graphs on the CPU: the graph rows would repeat the static ones and are skipped; chunk-wise is eager only.
+    assert set(rows) == {("frame-2", "eager"), ("frame-2", "static"), ("chunk3-4", "eager")}
+    assert "skipped" in capsys.readouterr().err
+    static = rows[("frame-2", "static")]
+    assert static["graphed"] is False and static["capture_error"] is None and static["step_median_ms"] > 0
+    assert "| frame-2 static | 1 |" in out.with_suffix(".md").read_text()

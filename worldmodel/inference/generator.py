@@ -4,6 +4,10 @@ Per block (DESIGN §4, Inference): start from noise; for each sigma of the step 
 cached forward (write=False) and re-noise it to the next sigma with fresh noise; after the last step run
 the network once on the clean block at sigma = context_noise_inference with write=True so that its keys
 and values enter the cache (a ring with sink frames: bounded memory for any rollout length); decode.
+
+Once the window is full, a frame-wise generator may hand its steady-state frames to
+worldmodel.inference.graphed.StaticFrameStep (`fast="static"`, or `fast="graph"` for CUDA graphs on CUDA):
+the same frames for the same noise, on static buffers that share this generator's cache.
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ from worldmodel.models.dit import WorldDiT
 Tensor = torch.Tensor
 
 
-def autoencoder_on(autoencoder: Autoencoder, device: torch.device | str, dtype: torch.dtype) -> Autoencoder:
-    """An eval-mode copy of the autoencoder on (device, dtype) in channels_last, oneDNN's faster conv layout
-    (decode -25..35% on a 2-core AVX2 CPU); a copy, so that the caller's module keeps its layout."""
-    return copy.deepcopy(autoencoder).to(device, dtype, memory_format=torch.channels_last).eval()
+def autoencoder_on(autoencoder: Autoencoder, device: torch.device | str, dtype: torch.dtype,
+                   memory_format: torch.memory_format = torch.channels_last) -> Autoencoder:
+    """An eval-mode copy of the autoencoder on (device, dtype), by default in channels_last, oneDNN's faster
+    conv layout (decode -25..35% on a 2-core AVX2 CPU); a copy, so that the caller's module keeps its layout."""
+    return copy.deepcopy(autoencoder).to(device, dtype, memory_format=memory_format).eval()
 
 
 @torch.inference_mode()
@@ -52,7 +57,13 @@ class StreamingGenerator:
 
     dtype: the networks' compute dtype. bf16 helps on GPUs and on CPUs with AMX / AVX512-BF16; on CPUs
     without them (e.g. AVX2-only) bf16 convolutions are ~100x slower than fp32: measure.
+    fast: "off" (default), "static" or "graph": with block_size 1, frames made once the window is full go
+    through worldmodel.inference.graphed.StaticFrameStep, eagerly ("static") or as a CUDA graph ("graph",
+    on CUDA; eager elsewhere). Same frames for the same noise; first frames and chunk-wise blocks as before.
+    channels_last: the decoder's memory format (channels_last, or contiguous NCHW).
     """
+
+    FAST_PATHS = ("off", "static", "graph")
 
     def __init__(
         self,
@@ -63,12 +74,18 @@ class StreamingGenerator:
         flow_cfg: FlowConfig,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        *,
+        fast: str = "off",
+        channels_last: bool = True,
     ) -> None:
+        if fast not in self.FAST_PATHS:
+            raise ValueError(f"StreamingGenerator fast must be one of {self.FAST_PATHS}, got {fast!r}")
         self.device, self.dtype = torch.device(device), dtype
         self.dit = _on(dit, self.device, dtype)
+        self.decode_memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.autoencoder = None
         if autoencoder is not None:
-            self.autoencoder = autoencoder_on(autoencoder, self.device, dtype)
+            self.autoencoder = autoencoder_on(autoencoder, self.device, dtype, self.decode_memory_format)
         mean, std = pose_stats["mean"], pose_stats["std"]
         self.pose_mean = torch.as_tensor(np.asarray(mean, dtype=np.float32), device=self.device)
         self.pose_std = torch.as_tensor(np.asarray(std, dtype=np.float32), device=self.device)
@@ -87,6 +104,8 @@ class StreamingGenerator:
         self.generator: torch.Generator | None = None
         self._first = True
         self._queue: list[Tensor] = []  # frames of the current block not yet handed out by step()
+        self.fast = fast
+        self._frame_step = None  # the StaticFrameStep over self.cache, built when first needed
 
     # ----- helpers -----
 
@@ -123,7 +142,7 @@ class StreamingGenerator:
         if self.autoencoder is None:
             raise RuntimeError("StreamingGenerator has no autoencoder: call with decode=False")
         B, T = z.shape[:2]
-        z = z.flatten(0, 1).contiguous(memory_format=torch.channels_last)
+        z = z.flatten(0, 1).contiguous(memory_format=self.decode_memory_format)
         return tensor_to_frames(self.autoencoder.decode(z)).unflatten(0, (B, T))
 
     # ----- public API -----
@@ -170,6 +189,25 @@ class StreamingGenerator:
         self._first = False
         return self.decode(z) if decode else z
 
+    def fast_ready(self) -> bool:
+        """Whether the next step() goes through the static frame step (fast on, frame-wise, window full,
+        past the first frame)."""
+        return (self.fast != "off" and self.block_size == 1 and not self._first and not self._queue
+                and self.cache is not None and self.cache.frames_visible == self.cache_frames)
+
+    def frame_step(self):
+        """The StaticFrameStep over this generator's cache (window full), built on first use and again for
+        a new cache (another batch size)."""
+        from worldmodel.inference.graphed import StaticFrameStep  # imports this module: import here
+
+        graphs = self.fast == "graph" and self.device.type == "cuda"
+        old = self._frame_step
+        if old is None or old.cache is not self.cache or old.graphs != graphs or old.sigmas != list(self.sigmas) \
+                or old.context_sigma != self.context_sigma:
+            self._frame_step = old = None  # free the old one's buffers and graphs first
+            self._frame_step = StaticFrameStep(self, graphs=graphs)
+        return self._frame_step
+
     @torch.inference_mode()
     def step(self, deltas, *, decode: bool = True) -> Tensor:
         """One frame: raw deltas (B, 5) -> uint8 (B, H, W, 3) (latents (B, C, h, w) if decode=False).
@@ -177,6 +215,8 @@ class StreamingGenerator:
         Chunk-wise (block_size > 1): when no frame is pending, a block is generated with this delta held
         for all its frames; the next block_size - 1 calls hand out the rest (their deltas are unused).
         """
+        if self.fast_ready():
+            return self.frame_step().step(deltas, decode=decode)
         if not self._queue:
             d = self._tensor(deltas, torch.float32)
             block = self.step_block(d[:, None].expand(-1, self.block_size, -1), decode=decode)

@@ -220,5 +220,20 @@ class KVCache:
             self.last_frame[index] = source.last_frame.to(self.last_frame.dtype)
         self._staged = {}  # the buffers changed under any memoised window
 
+    def adopt_buffers(self, k: list[Tensor], v: list[Tensor]) -> None:
+        """Move the cache into the caller's per-layer tensors (same shapes and dtype as now; views of a larger
+        static storage are fine), copying the content over; from then on both sides share one cache.
+        worldmodel.inference.graphed keeps its fixed-address buffers this way."""
+        if len(k) != self.num_layers or len(v) != self.num_layers:
+            raise ValueError(f"KVCache.adopt_buffers needs {self.num_layers} K and V tensors, got {len(k)} and {len(v)}")
+        for old, new in zip(self.k + self.v, list(k) + list(v)):
+            if new.shape != old.shape or new.dtype != old.dtype or new.device != old.device:
+                raise ValueError(f"KVCache.adopt_buffers: got {tuple(new.shape)} {new.dtype} on {new.device}, the cache "
+                                 f"holds {tuple(old.shape)} {old.dtype} on {old.device}")
+            if new.data_ptr() != old.data_ptr():
+                new.copy_(old)
+        self.k, self.v = list(k), list(v)
+        self._staged = {}
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
