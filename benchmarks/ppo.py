@@ -93,11 +93,11 @@ def act(policy: Policy, obs: Tensor, generator: torch.Generator | None = None, g
 
 
 def play_episode(venv, policy_fn, steps: int, seed: int, size: tuple[int, int], device: torch.device,
-                 record: bool = False) -> dict[str, Any]:
+                 record: bool = False, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """One synchronised episode of every env: policy_fn(obs (B, 6, h, w), info) -> (action (B,), extras dict of
     (B,) tensors). Returns stacked (T, B, ...) obs, actions, rewards, alive and extras, per-env returns,
-    and (record=True) the full-size frames (T+1, B, H, W, 3)."""
-    frames, info = venv.reset(seed=seed)
+    and (record=True) the full-size frames (T+1, B, H, W, 3). options: the vector env's reset options."""
+    frames, info = venv.reset(seed=seed, options=options)
     cur = preprocess(frames, size, device)
     prev = cur
     alive = torch.ones(len(cur), dtype=torch.bool, device=device)

@@ -3,6 +3,7 @@
     train --where model  : PPO (benchmarks.ppo) inside the world model (WorldModelVectorEnv, GPU batched)
     train --where engine : the same agent in the real engine (AsyncVectorEnv of DoomRealEnv, one process each)
     evaluate             : every agent in the real engine (and the trained ones in the model) -> JSON + markdown
+    export               : final policies as bf16 safetensors + JSON
     plot                 : training curves PNG from the evaluation JSON
 
 The task is the same function of the camera pose in both worlds: `explore`, +1 per new 64-unit grid
@@ -223,8 +224,10 @@ def evaluate(args) -> None:
         ep = run(engine, "policy", args.seed, policy, record=True)
         result["engine"][name] = {**mean_ci(ep["returns"].cpu()), "steps_per_s": n * steps / ep["seconds"]}
         videos[(name, "engine")] = ep
+        # The engine's env i starts at start pose i % N (engine_venv start_per_env): the same starts here.
+        starts = np.arange(n) % world.num_starts
         ep_model = play_episode(model, policy_fns("policy", n, args.seed, device, policy), steps, seed=args.seed,
-                                size=size, device=device, record=True)
+                                size=size, device=device, record=True, options={"start_index": starts})
         result["model"][name] = mean_ci(ep_model["returns"].cpu())
         videos[(name, "model")] = ep_model
         curve = []
@@ -295,6 +298,23 @@ def write_videos(videos: dict, out: Path, fps: float) -> None:
                 rec.add(np.concatenate([a, b], axis=1))
 
 
+# ----- export -----
+
+def export(args) -> None:
+    """Final policies of the training states as bf16 safetensors + JSON (config, steps, seconds, machine):
+    `benchmarks.ppo.Policy(15, obs_size, width)` + `worldmodel.checkpoint.load_weights` reads them back."""
+    from worldmodel.checkpoint import save_weights
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in sorted(Path(args.agents).glob("ppo_*.pt")):
+        state = load_training_state(path, map_location="cpu")
+        meta = {key: state.get(key) for key in ("cfg", "env_steps", "train_seconds", "iteration", "seed", "machine",
+                                                "num_envs")}
+        meta.update(task=TASK, task_kwargs=TASK_KWARGS, num_actions=NUM_ACTIONS)
+        print(f"wrote {save_weights(out / path.stem, state['policy'], meta)}")
+
+
 # ----- plot -----
 
 def plot(args) -> None:
@@ -356,11 +376,14 @@ def main(argv=None) -> None:
     e.add_argument("--no-video", action="store_true")
     e.add_argument("--names", nargs="*", default=None, help="agents to evaluate (default: every ppo_*.pt in --agents)")
     e.add_argument("--merge", action="store_true", help="update an existing OUT/sim2real.json instead of replacing it")
+    ex = sub.add_parser("export", help="final policies of --agents as bf16 safetensors (for committing)")
+    ex.add_argument("--agents", required=True)
+    ex.add_argument("--out", required=True)
     pl = sub.add_parser("plot")
     pl.add_argument("--result", required=True, help="sim2real.json of evaluate")
     pl.add_argument("--png", required=True)
     args = p.parse_args(argv)
-    {"train": train, "evaluate": evaluate, "plot": plot}[args.cmd](args)
+    {"train": train, "evaluate": evaluate, "export": export, "plot": plot}[args.cmd](args)
 
 
 if __name__ == "__main__":
