@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from envs.collision import downsample
 
 Tensor = torch.Tensor
 
@@ -74,10 +75,7 @@ class Policy(nn.Module):
 
 def preprocess(frames: np.ndarray | Tensor, size: tuple[int, int], device: torch.device) -> Tensor:
     """uint8 (B, H, W, 3) -> uint8 (B, 3, h, w) on device (area average; H, W multiples of h, w are exact)."""
-    x = torch.as_tensor(frames).to(device).permute(0, 3, 1, 2).float()
-    if tuple(x.shape[2:]) != tuple(size):
-        x = F.interpolate(x, size=size, mode="area")
-    return x.round().clamp(0, 255).to(torch.uint8)
+    return downsample(torch.as_tensor(frames).to(device), size).round().clamp(0, 255).to(torch.uint8)
 
 
 @torch.no_grad()

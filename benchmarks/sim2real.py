@@ -206,7 +206,7 @@ def evaluate(args) -> None:
     def run(venv, kind, seed, policy=None, record=False, options=None):
         t0 = time.perf_counter()
         fn = policy_fns(kind, n, seed, device, policy)
-        ep = play_episode(venv, fn, steps, seed=seed, size=size, device=device, record=record)
+        ep = play_episode(venv, fn, steps, seed=seed, size=size, device=device, record=record, options=options)
         ep["seconds"] = time.perf_counter() - t0
         return ep
 
@@ -215,6 +215,8 @@ def evaluate(args) -> None:
         result["engine"][kind] = {**mean_ci(ep["returns"].cpu()), "steps_per_s": n * steps / ep["seconds"]}
     models: dict[bool, Any] = {}
     videos = {}
+    # The engine's env i starts at start pose i % N (engine_venv start_per_env): the same starts in the model.
+    model_starts = {"start_index": np.arange(n) % world.num_starts}
     for name, state in agents.items():
         policy = load_policy(state, state["policy"], device)
         walls = name.endswith("_walls")
@@ -224,10 +226,7 @@ def evaluate(args) -> None:
         ep = run(engine, "policy", args.seed, policy, record=True)
         result["engine"][name] = {**mean_ci(ep["returns"].cpu()), "steps_per_s": n * steps / ep["seconds"]}
         videos[(name, "engine")] = ep
-        # The engine's env i starts at start pose i % N (engine_venv start_per_env): the same starts here.
-        starts = np.arange(n) % world.num_starts
-        ep_model = play_episode(model, policy_fns("policy", n, args.seed, device, policy), steps, seed=args.seed,
-                                size=size, device=device, record=True, options={"start_index": starts})
+        ep_model = run(model, "policy", args.seed, policy, record=True, options=model_starts)
         result["model"][name] = mean_ci(ep_model["returns"].cpu())
         videos[(name, "model")] = ep_model
         curve = []

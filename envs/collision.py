@@ -58,10 +58,10 @@ class CollisionNet(nn.Module):
         return torch.sigmoid(self.head(h))
 
 
-def downsample(frame: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> (B, 3, h, w) float in 0..255 at IN_SIZE (area average)."""
+def downsample(frame: torch.Tensor, size: tuple[int, int] = IN_SIZE) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> (B, 3, h, w) float in 0..255 at `size` (area average)."""
     x = frame.permute(0, 3, 1, 2).float()
-    return x if tuple(x.shape[2:]) == IN_SIZE else F.interpolate(x, size=IN_SIZE, mode="area")
+    return x if tuple(x.shape[2:]) == tuple(size) else F.interpolate(x, size=tuple(size), mode="area")
 
 
 def gate_deltas(net: CollisionNet, frames: np.ndarray, deltas: np.ndarray, device: torch.device) -> np.ndarray:

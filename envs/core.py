@@ -18,6 +18,7 @@ import torch
 from gymnasium import spaces
 
 from data_tools.poses import integrate_deltas
+from envs.collision import gate_deltas, load as load_collision
 from envs.keymap import DISCRETE_ACTIONS
 from envs.rewards import RewardFn
 from worldmodel.inference.world import World, default_device
@@ -85,9 +86,7 @@ class WorldBatch:
         # Optional walls (envs/collision.py): the frame shown gates the action model's forward/strafe.
         self.collision = None
         if collision is not None:
-            from envs.collision import load
-
-            self.collision = load(collision, self.device) if isinstance(collision, (str, Path)) else collision
+            self.collision = load_collision(collision, self.device) if isinstance(collision, (str, Path)) else collision
         # One reward object per world: rewards like "explore" keep episode state.
         self.rewards = [copy.deepcopy(reward_fn) for _ in range(num_worlds)]
         h, w, _ = world.frame_shape
@@ -133,8 +132,6 @@ class WorldBatch:
         assert self.started, "reset the worlds before stepping them"
         deltas = np.asarray(self.world.action_model.predict(self.prev_deltas, actions), np.float32)  # (N, 5)
         if self.collision is not None:
-            from envs.collision import gate_deltas
-
             deltas = gate_deltas(self.collision, self.frames, deltas, self.device)
         t0 = time.perf_counter()
         frames = self.generator.step(torch.from_numpy(deltas)).cpu().numpy()  # uint8 (N, H, W, 3)
