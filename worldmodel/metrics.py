@@ -1,4 +1,4 @@
-"""Image fidelity metrics in torch: PSNR and SSIM, per image, for frames in [-1, 1] or uint8.
+"""Image fidelity metrics in torch: PSNR, SSIM and image detail, per image, for frames in [-1, 1] or uint8.
 
 Both take `(..., 3, H, W)` float in [-1, 1] (data range 2) and return one value per leading index,
 so a caller can average over episodes or report percentiles.
@@ -50,3 +50,13 @@ def ssim(x: Tensor, y: Tensor, window: int = 11, sigma: float = 1.5) -> Tensor:
     sxx, syy, sxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
     s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
     return s.flatten(1).mean(-1).reshape(lead)
+
+
+def detail(x: Tensor) -> Tensor:
+    """Mean image-gradient magnitude (forward differences, both axes, all channels) of x (..., 3, H, W) in
+    [-1, 1] (or uint8 frames) -> (...,). A blurred frame has less of it than the engine's: the ratio of the
+    two tells blur apart from error, which PSNR does not (a blurry mean frame scores well on PSNR)."""
+    x = as_float(x)
+    dx = (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(-3).mean(-1)
+    dy = (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(-3).mean(-1)
+    return 0.5 * (dx + dy)

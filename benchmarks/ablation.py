@@ -1,0 +1,419 @@
+"""The initialisation ablation of issue 6: which few-step student does the same DMD budget finish best?
+
+    python -m benchmarks.ablation train DATA --out RUN --time-budget S [--device cuda] [--plan P] [k=v ...]
+    python -m benchmarks.ablation evaluate DATA --run RUN [--steps 1 2 4] [--horizons 1 8 32] --out JSON
+    python -m benchmarks.ablation table JSON [--speed SPEED_JSON]
+
+`train` runs, with `worldmodel.build` (so every part resumes, stops cleanly at --time-budget and restarts
+from bf16 exports), into RUN:
+  base/            autoencoder -> teacher -> AR diffusion -> Causal CD, then Causal ODE with as many
+                   regression steps as Causal CD took training steps (plus its trajectory-generation steps);
+  dmd_from_<init>/ asymmetric DMD from each initialisation (causal_cd, ar_diffusion, causal_ode), the same
+                   plan, seed and step count; base's autoencoder, teacher and <init> are linked in.
+A call that runs out of budget exits 3: run the same command again. RUN/ablation_train.json holds the cost
+of every stage (steps, GPU-seconds; Causal ODE's generation seconds and the bytes of its stored trajectories).
+
+`evaluate` rolls every initialisation and every DMD student out on windows of the held-out episodes (4
+ground-truth context frames, then the recorded pose deltas) with the frame-wise few-step sampler at each
+step count (the first frame takes the same k steps): PSNR / SSIM at each horizon (95% interval over
+windows), a detail ratio (mean image-gradient magnitude of the frame over the engine's: < 1 is blur, which
+PSNR rewards), and the action-following yaw error (the image-only annotator, data_tools.annotator, on
+[last context frame, generated frames] against the recorded yaw deltas; its own error on the engine frames
+is the reference row). `table` prints the markdown tables and checks the paper's claims against the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from data_tools.annotator import estimate_deltas
+from data_tools.eval_poses import compare
+from data_tools.poses import pose_deltas
+from data_tools.shards import ShardError, load_episode, read_manifest
+from worldmodel.build import BuildOptions, build
+from worldmodel.build_plan import BuildError, Ledger, load_plan, stage_configs, weights_path
+from worldmodel.checkpoint import CheckpointError
+from worldmodel.eval import load_models, rollout, score, write_report
+from worldmodel.inference.generator import StreamingGenerator
+from worldmodel.metrics import detail, psnr, ssim
+from worldmodel.training.batches import decode_latents, encode_frames, float_to_frames, frames_to_float
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
+DEFAULT_PLAN = ROOT / "configs" / "ablation.yaml"
+BASE = "base"
+BASE_STAGES = ("autoencoder", "teacher", "ar_diffusion", "causal_cd")
+INITS = ("causal_cd", "ar_diffusion", "causal_ode")  # DMD branches in this order: the paper's method first
+LABEL = {"ar_diffusion": "AR diffusion", "causal_ode": "Causal ODE", "causal_cd": "Causal CD"}
+# Claim thresholds (stated in the table): "clearly worse" = at least this many dB lower at h8.
+CLEARLY_DB = 0.5
+
+
+def branch(init: str) -> str:
+    return f"dmd_from_{init}"
+
+
+def checkpoints(run: Path) -> dict[str, Path]:
+    """name -> DiT weights of every student the evaluation compares (inits alone, then DMD from each)."""
+    out = {init: weights_path(run / BASE, init) for init in ("ar_diffusion", "causal_ode", "causal_cd")}
+    return out | {f"dmd<-{init}": weights_path(run / branch(init), "dmd") for init in INITS}
+
+
+# ----- train -----
+
+def link_inputs(run: Path, init: str) -> Path:
+    """RUN/dmd_from_<init>/ with base's autoencoder, teacher and <init> stage folders linked in."""
+    out = run / branch(init)
+    out.mkdir(parents=True, exist_ok=True)
+    for stage in ("autoencoder", "teacher", init):
+        link = out / stage
+        if not link.is_symlink() and not link.exists():
+            link.symlink_to(Path("..") / BASE / stage, target_is_directory=True)
+    return out
+
+
+def ode_steps(run: Path, config: Path, plan: dict, overrides: list[str]) -> int:
+    """Causal ODE's stage.steps: its generation steps + as many regression steps as Causal CD trained."""
+    base = run / BASE
+    cfg = stage_configs(config, plan, overrides, ("causal_ode",), base)["causal_ode"]
+    cd = stage_configs(config, plan, overrides, ("causal_cd",), base)["causal_cd"]
+    cd_steps = Ledger(base).status("causal_cd", cd, base).step
+    generation = math.ceil(cfg.stage.ode_samples / cfg.data.batch_size)
+    return generation + cd_steps
+
+
+def stage_costs(run_dir: Path, ledger: Ledger, cfgs: dict) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name, cfg in cfgs.items():
+        s = ledger.status(name, cfg, run_dir)
+        out[name] = {"steps": s.step, "gpu_seconds": s.gpu_seconds, "peak_mem": s.peak_mem}
+    return out
+
+
+def ode_store_cost(run: Path) -> dict[str, float]:
+    """Bytes of Causal ODE's stored trajectories and the seconds the teacher took to generate them."""
+    from worldmodel.training.causal_ode import PAIRS_SUBDIR
+
+    pairs = run / BASE / "causal_ode" / PAIRS_SUBDIR
+    chunks = sorted(pairs.glob("chunk_*.pt"))
+    gen_s, clips = 0.0, 0
+    for path in chunks:  # the chunks are small dicts of tensors; reading them back is the honest count
+        chunk = torch.load(path, map_location="cpu", weights_only=False)
+        gen_s += float(chunk["gen_seconds"])
+        clips += int(chunk["states"].shape[0])
+    return {"bytes": float(sum(p.stat().st_size for p in chunks)), "gen_seconds": gen_s, "clips": clips}
+
+
+def train(data: Path, run: Path, *, config: Path, plan_path: Path, overrides: list[str], budget: float | None,
+          device: str, split_mb: float | None = None) -> dict[str, Any]:
+    """Every stage of the ablation, as far as `budget` seconds allow; -> summary (also RUN/ablation_train.json)."""
+    t0 = time.time()
+    plan = load_plan(plan_path)
+    left = lambda: None if budget is None else budget - (time.time() - t0)  # noqa: E731
+
+    def run_build(run_dir: Path, stages: tuple[str, ...], extra: list[str] = ()) -> bool:
+        if left() is not None and left() < 5:
+            return False
+        opts = BuildOptions(config=config, plan=plan_path, overrides=[*overrides, *extra], stages=stages,
+                            time_budget=left(), reserve=2.0, device=device, package=False, split_mb=split_mb)
+        return build(data, run_dir, opts)["complete"]
+
+    base = run / BASE
+    done = run_build(base, BASE_STAGES)
+    if done:
+        done = run_build(base, ("causal_ode",), [f"causal_ode.stage.steps={ode_steps(run, config, plan, overrides)}"])
+    for init in INITS:
+        if done:
+            done = run_build(link_inputs(run, init), ("dmd",))
+    summary = {"complete": done, "data": str(data), "config": str(config), "plan": str(plan_path),
+               "overrides": overrides, "device": device, "stages": {}}
+    if base.is_dir():
+        names = [s for s in (*BASE_STAGES, "causal_ode") if (base / s).is_dir()]
+        summary["stages"] = stage_costs(base, Ledger(base), stage_configs(config, plan, overrides, tuple(names), base))
+    for init in INITS:
+        b = run / branch(init)
+        if (b / "dmd").is_dir():
+            cfg = stage_configs(config, plan, overrides, ("dmd",), b)
+            summary["stages"][branch(init)] = stage_costs(b, Ledger(b), cfg)["dmd"]
+    if (base / "causal_ode").is_dir():
+        summary["ode_store"] = ode_store_cost(run)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "ablation_train.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+# ----- evaluate -----
+
+def heldout_windows(data_dir: Path, length: int, stride: int, episodes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Windows of `length` frames every `stride` frames of the held-out episodes -> frames (N,L,H,W,3),
+    deltas (N,L,5) (each window's first delta is the recorded one, not 0)."""
+    manifest = read_manifest(data_dir)
+    held = [e for e in manifest["episodes"] if e.get("split") == "heldout"][:episodes]
+    if not held:
+        raise ValueError(f"{data_dir} has no held-out episodes (manifest split 'heldout')")
+    frames, deltas = [], []
+    for entry in held:
+        ep = load_episode(data_dir, entry, manifest)
+        d = pose_deltas(ep["poses"])
+        for start in range(0, len(ep["frames"]) - length + 1, stride):
+            frames.append(ep["frames"][start:start + length])
+            deltas.append(d[start:start + length])
+    if not frames:
+        raise ValueError(f"held-out episodes of {data_dir} are shorter than one window of {length} frames")
+    return np.stack(frames), np.stack(deltas)
+
+
+def interval(values: torch.Tensor) -> tuple[float, float]:
+    """(mean, half-width of the normal 95% interval of the mean)."""
+    v = values.double()
+    half = 1.96 * float(v.std()) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
+    return float(v.mean()), half
+
+
+def picture_scores(pred: np.ndarray, truth: np.ndarray, horizons: list[int]) -> dict[str, dict[str, float]]:
+    """Per horizon: PSNR and SSIM (mean, 95% half-width over windows) and the detail ratio."""
+    out = {}
+    for h in horizons:
+        x, gt = torch.from_numpy(pred[:, h - 1]), torch.from_numpy(truth[:, h - 1])
+        p, p_ci = interval(psnr(x, gt).clamp(max=99))
+        s, s_ci = interval(ssim(x, gt))
+        out[str(h)] = {"psnr": p, "psnr_ci": p_ci, "ssim": s, "ssim_ci": s_ci,
+                       "detail": float(detail(x).mean() / detail(gt).mean().clamp(min=1e-8))}
+    return out
+
+
+def _yaw_one(args: tuple[np.ndarray, float]) -> np.ndarray:
+    frames, fov = args
+    return estimate_deltas(frames, fov)[0]
+
+
+def yaw_following(sequences: np.ndarray, truth_deltas: np.ndarray, fov: float, workers: int) -> dict[str, float]:
+    """The annotator on each (L+1)-frame sequence [last context frame, L frames] vs the recorded deltas (N,L,5)."""
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        est = list(pool.map(_yaw_one, [(s, fov) for s in sequences]))
+    est = np.concatenate([e[1:] for e in est])
+    stats = compare(est, truth_deltas.reshape(-1, truth_deltas.shape[-1]))
+    return {k: stats[k] for k in ("yaw_err_median", "yaw_err_p90", "yaw_err_mean", "frames")}
+
+
+def evaluate(data_dir: Path, run: Path, *, steps=(1, 2, 4), horizons=(1, 8, 32), context: int = 4,
+             stride: int = 200, episodes: int = 8, device: str = "cpu", seed: int = 0,
+             workers: int | None = None) -> dict[str, Any]:
+    """Every student of `run` at every step count on the held-out windows -> report dict."""
+    device = torch.device(device)
+    horizons = sorted(horizons)
+    workers = workers or max(1, min(16, (os.cpu_count() or 2)))
+    ae_path = weights_path(run / BASE, "autoencoder")
+    found = {name: path for name, path in checkpoints(run).items() if path.is_file()}
+    missing = sorted(set(checkpoints(run)) - set(found))
+    if not found:
+        raise CheckpointError(f"{run} holds none of the ablation's students; run `benchmarks.ablation train` first")
+    frames, deltas = heldout_windows(data_dir, context + max(horizons), stride, episodes)
+    truth, truth_deltas = frames[:, context:], deltas[:, context:]
+    fov = float(read_manifest(data_dir).get("fov") or read_manifest(data_dir).get("recording", {}).get("fov") or 90.0)
+    last = frames[:, context - 1]
+    report: dict[str, Any] = {"data": str(data_dir), "run": str(run), "windows": int(frames.shape[0]),
+                              "context": context, "horizons": horizons, "steps": list(steps), "fov": fov,
+                              "missing": missing, "students": {}}
+    yaw_seq = lambda pred: np.concatenate([last[:, None], pred], axis=1)  # noqa: E731
+    report["annotator_on_engine"] = yaw_following(yaw_seq(truth), truth_deltas, fov, workers)
+    report["frozen_world"] = compare(np.zeros_like(truth_deltas.reshape(-1, 5)), truth_deltas.reshape(-1, 5))
+    recon_done = False
+    for name, path in found.items():
+        cfg, meta, dit, ae = load_models(path, ae_path, device)
+        if not recon_done:  # the autoencoder's ceiling and the copy-last baseline, once
+            with torch.no_grad():
+                x = frames_to_float(torch.from_numpy(truth).to(device))
+                recon = float_to_frames(decode_latents(ae, encode_frames(ae, x, bf16=False), bf16=False)).cpu().numpy()
+            base = score(recon, truth, recon, last, horizons)
+            report["ae_recon"] = {h: {"psnr": r["model_psnr"], "ssim": r["model_ssim"]} for h, r in base.items()}
+            report["copy_last"] = picture_scores(np.repeat(last[:, None], truth.shape[1], 1), truth, horizons)
+            recon_done = True
+        rows = {}
+        for k in steps:
+            gen_cfg = dataclasses.replace(cfg.generator, steps=k, first_frame_steps=k, block_size=1)
+            gen = StreamingGenerator(dit, ae, meta["pose_stats"], gen_cfg, cfg.flow, device=device)
+            pred, latency = rollout(gen, frames, deltas, context, seed)
+            rows[str(k)] = {"horizons": picture_scores(pred, truth, horizons),
+                            "yaw": yaw_following(yaw_seq(pred), truth_deltas, fov, workers),
+                            "per_frame_s": latency["per_frame_s"]}
+            h = rows[str(k)]["horizons"]
+            print(f"{name:20s} {k}-step: " + "  ".join(f"h{x} {h[str(x)]['psnr']:.2f} dB" for x in horizons)
+                  + f"  yaw {rows[str(k)]['yaw']['yaw_err_median']:.2f} deg/frame", flush=True)
+        report["students"][name] = {"checkpoint": str(path), "stage": meta.get("stage"), "step": meta.get("step"),
+                                    "samplers": rows}
+    report["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    train_json = run / "ablation_train.json"
+    if train_json.is_file():
+        report["train"] = json.loads(train_json.read_text())
+    return report
+
+
+# ----- table and claims -----
+
+def _psnr(report: dict, name: str, k: int, h: int) -> float | None:
+    s = report["students"].get(name)
+    return None if s is None else s["samplers"][str(k)]["horizons"][str(h)]["psnr"]
+
+
+def claims(report: dict, speed: dict | None) -> list[str]:
+    """The paper's claims, each 'holds' / 'does not hold' / 'not measured' with the numbers behind it."""
+    out, h8 = [], 8 if 8 in report["horizons"] else report["horizons"][-1]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    steps = report["steps"]
+
+    def diffs(a: str, b: str, ks) -> list[float] | None:
+        vals = [(_psnr(report, a, k, h8), _psnr(report, b, k, h8)) for k in ks]
+        return None if any(x is None or y is None for x, y in vals) else [x - y for x, y in vals]
+
+    d = diffs("dmd<-causal_cd", "dmd<-causal_ode", steps)
+    if d is None:
+        out.append("Causal CD >= Causal ODE in quality: not measured (a DMD student is missing)")
+    else:
+        verdict = "holds" if mean(d) >= 0 else "does not hold"
+        out.append(f"Causal CD >= Causal ODE in quality (after the same DMD): {verdict}; h{h8} PSNR CD - ODE = "
+                   + ", ".join(f"{x:+.2f} dB at {k}-step" for x, k in zip(d, steps)))
+    few = [k for k in steps if k <= 2]
+    da, db = diffs("dmd<-ar_diffusion", "dmd<-causal_cd", few), diffs("dmd<-ar_diffusion", "dmd<-causal_ode", few)
+    if da is None or db is None:
+        out.append("AR-diffusion init clearly worse at 1-2 steps: not measured (a DMD student is missing)")
+    else:
+        worse = all(x <= -CLEARLY_DB for x in da + db)
+        out.append(f"AR-diffusion init clearly worse (>= {CLEARLY_DB} dB lower at h{h8}) at 1-2 steps after DMD: "
+                   f"{'holds' if worse else 'does not hold'}; AR - CD = "
+                   + ", ".join(f"{x:+.2f}" for x in da) + " dB, AR - ODE = " + ", ".join(f"{x:+.2f}" for x in db)
+                   + f" dB at {few}-step")
+    st = (report.get("train") or {}).get("stages", {})
+    if "causal_cd" in st and "causal_ode" in st:
+        cd, ode = st["causal_cd"], st["causal_ode"]
+        store = report["train"].get("ode_store", {})
+        ratio = ode["gpu_seconds"] / max(cd["gpu_seconds"], 1e-9)
+        verdict = "holds" if ratio >= 3.0 else "does not hold"
+        out.append(f"Causal CD about 4x cheaper, no storage: {verdict} at equal training steps; Causal ODE "
+                   f"{ode['gpu_seconds']:.0f} GPU-s ({store.get('gen_seconds', float('nan')):.0f} s generating "
+                   f"{store.get('clips', 0)} clips of trajectories, {store.get('bytes', 0) / 2**20:.0f} MiB stored) vs "
+                   f"Causal CD {cd['gpu_seconds']:.0f} GPU-s, 0 bytes stored: ODE / CD = {ratio:.2f}x")
+    else:
+        out.append("Causal CD about 4x cheaper: not measured (no training costs in the report)")
+    first = {}
+    for row in (speed or {}).get("rows", []):
+        if row.get("batch") == 1 and row.get("path", "eager") == "eager":
+            first.setdefault(row["sampler"], row.get("first_frame_ms"))
+    if first.get("frame-2") and first.get("chunk3-4"):
+        r = first["frame-2"] / first["chunk3-4"]
+        out.append(f"frame-wise 2-step first-frame latency about half of chunk-wise 4-step: "
+                   f"{'holds' if r <= 0.6 else 'does not hold'}; {first['frame-2']:.2f} ms vs "
+                   f"{first['chunk3-4']:.2f} ms = {r:.2f}x (issue target <= 0.40x: "
+                   f"{'met' if r <= 0.40 else 'not met'})")
+    else:
+        out.append("frame-wise 2-step first-frame latency vs chunk-wise 4-step: not measured (pass --speed)")
+    return out
+
+
+def table(report: dict, speed: dict | None = None) -> str:
+    hs = report["horizons"]
+    head = " | ".join(f"h{h} PSNR" for h in hs) + " | " + " | ".join(f"h{h} SSIM" for h in hs)
+    lines = [f"{report['windows']} held-out windows ({report['context']} context frames), {report['device']}; "
+             "PSNR +- 95% interval over windows; detail = image-gradient energy / engine's (1 = as sharp); "
+             "yaw = annotator error, deg/frame (median).", "",
+             f"| student | steps | {head} | h{hs[-1]} detail | yaw median |",
+             "|---|---|" + "---|" * (2 * len(hs) + 2)]
+    for name, s in report["students"].items():
+        init = name.split("<-")[-1]
+        label = f"DMD from {LABEL[init]}" if name.startswith("dmd") else f"{LABEL[init]} (no DMD)"
+        for k, r in s["samplers"].items():
+            h = r["horizons"]
+            cells = [f"{h[str(x)]['psnr']:.2f} +- {h[str(x)]['psnr_ci']:.2f}" for x in hs]
+            cells += [f"{h[str(x)]['ssim']:.3f}" for x in hs]
+            lines.append(f"| {label} | {k} | " + " | ".join(cells)
+                         + f" | {h[str(hs[-1])]['detail']:.2f} | {r['yaw']['yaw_err_median']:.2f} |")
+    cl = report["copy_last"]
+    lines.append("| copy last context frame | - | " + " | ".join(f"{cl[str(x)]['psnr']:.2f}" for x in hs) + " | "
+                 + " | ".join(f"{cl[str(x)]['ssim']:.3f}" for x in hs) + f" | {cl[str(hs[-1])]['detail']:.2f} | "
+                 f"{report['frozen_world']['yaw_err_median']:.2f} |")
+    ae = report["ae_recon"]
+    lines.append("| autoencoder reconstruction (ceiling) | - | " + " | ".join(f"{ae[str(x)]['psnr']:.2f}" for x in hs)
+                 + " | " + " | ".join(f"{ae[str(x)]['ssim']:.3f}" for x in hs) + " | - | "
+                 f"{report['annotator_on_engine']['yaw_err_median']:.2f} (engine frames) |")
+    st = (report.get("train") or {}).get("stages", {})
+    if st:
+        lines += ["", "| stage | steps | GPU-s | peak GiB |", "|---|---|---|---|"]
+        lines += [f"| {n} | {c['steps']} | {c['gpu_seconds']:.0f} | {c['peak_mem'] / 2**30:.1f} |" for n, c in st.items()]
+    lines += ["", "Claims of the paper, checked here:", ""] + [f"- {c}" for c in claims(report, speed)]
+    return "\n".join(lines) + "\n"
+
+
+# ----- command line -----
+
+def main(argv: list[str] | None = None) -> int:
+    doc = __doc__
+    p = argparse.ArgumentParser(prog="python -m benchmarks.ablation", description=doc.split("\n")[0],
+                                epilog=doc.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train every stage of the ablation (resumable)")
+    t.add_argument("data", type=Path, help="recorded data directory (manifest.json + episodes/)")
+    t.add_argument("--out", type=Path, required=True, help="ablation run directory (created or continued)")
+    t.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    t.add_argument("--plan", type=Path, default=DEFAULT_PLAN, help="per-stage budgets (default: %(default)s)")
+    t.add_argument("--time-budget", type=float, default=None, help="wall-clock seconds for this call")
+    t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    t.add_argument("--export-split-mb", type=float, default=None, help="also write exports as .partNNN pieces")
+    t.epilog = "Other arguments: section.key=value or STAGE.section.key=value overrides, as worldmodel.build takes."
+    e = sub.add_parser("evaluate", help="every student at every step count on held-out windows")
+    e.add_argument("data", type=Path)
+    e.add_argument("--run", type=Path, required=True)
+    e.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4])
+    e.add_argument("--horizons", type=int, nargs="+", default=[1, 8, 32])
+    e.add_argument("--stride", type=int, default=200, help="frames between window starts in an episode")
+    e.add_argument("--episodes", type=int, default=8, help="held-out episodes used")
+    e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    e.add_argument("--workers", type=int, default=None, help="processes for the pose annotator")
+    e.add_argument("--speed", type=Path, default=None, help="benchmarks.speed JSON for the first-frame claim")
+    e.add_argument("--out", type=Path, default=Path("ablation.json"))
+    tb = sub.add_parser("table", help="markdown tables and the claims from an evaluate JSON")
+    tb.add_argument("report", type=Path)
+    tb.add_argument("--speed", type=Path, default=None, help="benchmarks.speed JSON (frame-2 and chunk3-4 rows)")
+    a, extra = p.parse_known_args(argv)  # a subcommand's positionals cannot interleave: overrides are the rest
+    bad = [x for x in extra if x.startswith("-") or "=" not in x]
+    if bad or (extra and a.cmd != "train"):
+        p.error(f"unrecognized arguments: {' '.join(bad or extra)}")
+    a.overrides = extra
+    try:
+        if a.cmd == "train":
+            s = train(a.data, a.out, config=a.config, plan_path=a.plan, overrides=a.overrides,
+                      budget=a.time_budget, device=a.device, split_mb=a.export_split_mb)
+            for name, c in s["stages"].items():
+                print(f"  {name:24s} {c['steps']:>6d} steps {c['gpu_seconds']:7.0f} GPU-s")
+            print("complete" if s["complete"] else "stopped by the time budget: run the same command again")
+            return 0 if s["complete"] else 3
+        speed = json.loads(a.speed.read_text()) if getattr(a, "speed", None) else None
+        if a.cmd == "evaluate":
+            report = evaluate(a.data, a.run, steps=a.steps, horizons=a.horizons, stride=a.stride,
+                              episodes=a.episodes, device=a.device, workers=a.workers)
+        else:
+            report = json.loads(a.report.read_text())
+        text = table(report, speed)
+        if a.cmd == "evaluate":
+            write_report(a.out, report, text)
+        else:
+            print(text)
+    except (BuildError, CheckpointError, ShardError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
