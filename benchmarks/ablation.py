@@ -43,7 +43,7 @@ from data_tools.eval_poses import compare
 from data_tools.poses import pose_deltas
 from data_tools.shards import ShardError, load_episode, read_manifest
 from worldmodel.build import BuildOptions, build
-from worldmodel.build_plan import BuildError, Ledger, load_plan, stage_configs, weights_path
+from worldmodel.build_plan import PIPELINE, BuildError, Ledger, load_plan, stage_configs, weights_path
 from worldmodel.checkpoint import CheckpointError
 from worldmodel.eval import load_models, rollout, score, write_report
 from worldmodel.inference.generator import StreamingGenerator
@@ -84,11 +84,24 @@ def link_inputs(run: Path, init: str) -> Path:
     return out
 
 
+def for_stages(overrides: list[str], stages: tuple[str, ...]) -> list[str]:
+    """The overrides for every stage plus the `STAGE.x.y=v` ones of `stages` (a build refuses the others)."""
+    def keep(item: str) -> bool:
+        parts = item.split("=", 1)[0].strip().split(".")
+        return not (len(parts) >= 3 and parts[0] in PIPELINE) or parts[0] in stages
+
+    return [o for o in overrides if keep(o)]
+
+
+def configs_of(config: Path, plan: dict, overrides: list[str], stages: tuple[str, ...], run_dir: Path) -> dict:
+    return stage_configs(config, plan, for_stages(overrides, stages), stages, run_dir)
+
+
 def ode_steps(run: Path, config: Path, plan: dict, overrides: list[str]) -> int:
     """Causal ODE's stage.steps: its generation steps + as many regression steps as Causal CD trained."""
     base = run / BASE
-    cfg = stage_configs(config, plan, overrides, ("causal_ode",), base)["causal_ode"]
-    cd = stage_configs(config, plan, overrides, ("causal_cd",), base)["causal_cd"]
+    cfg = configs_of(config, plan, overrides, ("causal_ode",), base)["causal_ode"]
+    cd = configs_of(config, plan, overrides, ("causal_cd",), base)["causal_cd"]
     cd_steps = Ledger(base).status("causal_cd", cd, base).step
     generation = math.ceil(cfg.stage.ode_samples / cfg.data.batch_size)
     return generation + cd_steps
@@ -124,10 +137,11 @@ def train(data: Path, run: Path, *, config: Path, plan_path: Path, overrides: li
     left = lambda: None if budget is None else budget - (time.time() - t0)  # noqa: E731
 
     def run_build(run_dir: Path, stages: tuple[str, ...], extra: list[str] = ()) -> bool:
-        if left() is not None and left() < 5:
-            return False
-        opts = BuildOptions(config=config, plan=plan_path, overrides=[*overrides, *extra], stages=stages,
-                            time_budget=left(), reserve=2.0, device=device, package=False, split_mb=split_mb)
+        # build() skips finished stages and starts none it has no time for, so a spent budget is its call.
+        budget_left = None if left() is None else max(0.0, left())
+        opts = BuildOptions(config=config, plan=plan_path, overrides=[*for_stages(overrides, stages), *extra],
+                            stages=stages, time_budget=budget_left, reserve=2.0, device=device, package=False,
+                            split_mb=split_mb)
         return build(data, run_dir, opts)["complete"]
 
     base = run / BASE
@@ -141,11 +155,11 @@ def train(data: Path, run: Path, *, config: Path, plan_path: Path, overrides: li
                "overrides": overrides, "device": device, "stages": {}}
     if base.is_dir():
         names = [s for s in (*BASE_STAGES, "causal_ode") if (base / s).is_dir()]
-        summary["stages"] = stage_costs(base, Ledger(base), stage_configs(config, plan, overrides, tuple(names), base))
+        summary["stages"] = stage_costs(base, Ledger(base), configs_of(config, plan, overrides, tuple(names), base))
     for init in INITS:
         b = run / branch(init)
         if (b / "dmd").is_dir():
-            cfg = stage_configs(config, plan, overrides, ("dmd",), b)
+            cfg = configs_of(config, plan, overrides, ("dmd",), b)
             summary["stages"][branch(init)] = stage_costs(b, Ledger(b), cfg)["dmd"]
     if (base / "causal_ode").is_dir():
         summary["ode_store"] = ode_store_cost(run)
@@ -187,10 +201,12 @@ def picture_scores(pred: np.ndarray, truth: np.ndarray, horizons: list[int]) -> 
     out = {}
     for h in horizons:
         x, gt = torch.from_numpy(pred[:, h - 1]), torch.from_numpy(truth[:, h - 1])
-        p, p_ci = interval(psnr(x, gt).clamp(max=99))
+        per_window = psnr(x, gt).clamp(max=99)
+        p, p_ci = interval(per_window)
         s, s_ci = interval(ssim(x, gt))
         out[str(h)] = {"psnr": p, "psnr_ci": p_ci, "ssim": s, "ssim_ci": s_ci,
-                       "detail": float(detail(x).mean() / detail(gt).mean().clamp(min=1e-8))}
+                       "detail": float(detail(x).mean() / detail(gt).mean().clamp(min=1e-8)),
+                       "psnr_windows": [round(float(v), 3) for v in per_window]}  # same windows for every student
     return out
 
 
@@ -263,38 +279,53 @@ def evaluate(data_dir: Path, run: Path, *, steps=(1, 2, 4), horizons=(1, 8, 32),
 
 # ----- table and claims -----
 
-def _psnr(report: dict, name: str, k: int, h: int) -> float | None:
+def _horizon(report: dict, name: str, k: int, h: int) -> dict | None:
     s = report["students"].get(name)
-    return None if s is None else s["samplers"][str(k)]["horizons"][str(h)]["psnr"]
+    return None if s is None else s["samplers"][str(k)]["horizons"][str(h)]
+
+
+def psnr_difference(report: dict, a: str, b: str, k: int, h: int) -> tuple[float, float] | None:
+    """PSNR of student a minus b at k steps, horizon h: (mean, 95% half-width) over the same windows, paired
+    (half-width nan when the report has no per-window values); None when either is missing."""
+    ra, rb = _horizon(report, a, k, h), _horizon(report, b, k, h)
+    if ra is None or rb is None:
+        return None
+    if "psnr_windows" in ra and "psnr_windows" in rb:
+        return interval(torch.tensor(ra["psnr_windows"]) - torch.tensor(rb["psnr_windows"]))
+    return ra["psnr"] - rb["psnr"], float("nan")
+
+
+def _fmt(d: tuple[float, float], k: int) -> str:
+    return f"{d[0]:+.2f}" + ("" if math.isnan(d[1]) else f" +- {d[1]:.2f}") + f" dB at {k}-step"
 
 
 def claims(report: dict, speed: dict | None) -> list[str]:
-    """The paper's claims, each 'holds' / 'does not hold' / 'not measured' with the numbers behind it."""
+    """The paper's claims, each 'holds' / 'does not hold' / 'not measured' with the numbers behind it
+    (PSNR differences at h8 are paired over the same held-out windows, +- their 95% interval)."""
     out, h8 = [], 8 if 8 in report["horizons"] else report["horizons"][-1]
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     steps = report["steps"]
 
-    def diffs(a: str, b: str, ks) -> list[float] | None:
-        vals = [(_psnr(report, a, k, h8), _psnr(report, b, k, h8)) for k in ks]
-        return None if any(x is None or y is None for x, y in vals) else [x - y for x, y in vals]
+    def diffs(a: str, b: str, ks) -> list[tuple[float, float]] | None:
+        vals = [psnr_difference(report, a, b, k, h8) for k in ks]
+        return None if any(v is None for v in vals) else vals
 
     d = diffs("dmd<-causal_cd", "dmd<-causal_ode", steps)
     if d is None:
         out.append("Causal CD >= Causal ODE in quality: not measured (a DMD student is missing)")
     else:
-        verdict = "holds" if mean(d) >= 0 else "does not hold"
+        verdict = "holds" if sum(x for x, _ in d) >= 0 else "does not hold"
         out.append(f"Causal CD >= Causal ODE in quality (after the same DMD): {verdict}; h{h8} PSNR CD - ODE = "
-                   + ", ".join(f"{x:+.2f} dB at {k}-step" for x, k in zip(d, steps)))
+                   + ", ".join(_fmt(x, k) for x, k in zip(d, steps)))
     few = [k for k in steps if k <= 2]
     da, db = diffs("dmd<-ar_diffusion", "dmd<-causal_cd", few), diffs("dmd<-ar_diffusion", "dmd<-causal_ode", few)
     if da is None or db is None:
         out.append("AR-diffusion init clearly worse at 1-2 steps: not measured (a DMD student is missing)")
     else:
-        worse = all(x <= -CLEARLY_DB for x in da + db)
+        worse = all(x <= -CLEARLY_DB for x, _ in da + db)
         out.append(f"AR-diffusion init clearly worse (>= {CLEARLY_DB} dB lower at h{h8}) at 1-2 steps after DMD: "
                    f"{'holds' if worse else 'does not hold'}; AR - CD = "
-                   + ", ".join(f"{x:+.2f}" for x in da) + " dB, AR - ODE = " + ", ".join(f"{x:+.2f}" for x in db)
-                   + f" dB at {few}-step")
+                   + ", ".join(_fmt(x, k) for x, k in zip(da, few)) + "; AR - ODE = "
+                   + ", ".join(_fmt(x, k) for x, k in zip(db, few)))
     st = (report.get("train") or {}).get("stages", {})
     if "causal_cd" in st and "causal_ode" in st:
         cd, ode = st["causal_cd"], st["causal_ode"]
@@ -307,13 +338,16 @@ def claims(report: dict, speed: dict | None) -> list[str]:
                    f"Causal CD {cd['gpu_seconds']:.0f} GPU-s, 0 bytes stored: ODE / CD = {ratio:.2f}x")
     else:
         out.append("Causal CD about 4x cheaper: not measured (no training costs in the report)")
-    first = {}
-    for row in (speed or {}).get("rows", []):
-        if row.get("batch") == 1 and row.get("path", "eager") == "eager":
-            first.setdefault(row["sampler"], row.get("first_frame_ms"))
+    first, key = {}, "first_frame_ms"
+    rows = [r for r in (speed or {}).get("rows", []) if r.get("batch") == 1 and r.get("path", "eager") == "eager"]
+    if rows and all("first_frame_latents_ms" in r for r in rows):
+        key = "first_frame_latents_ms"  # as a packaged world resets: from stored latents, no encoder
+    for row in rows:
+        first.setdefault(row["sampler"], row.get(key))
     if first.get("frame-2") and first.get("chunk3-4"):
         r = first["frame-2"] / first["chunk3-4"]
-        out.append(f"frame-wise 2-step first-frame latency about half of chunk-wise 4-step: "
+        how = "from latent context" if key == "first_frame_latents_ms" else "from uint8 context, encoder included"
+        out.append(f"frame-wise 2-step first-frame latency about half of chunk-wise 4-step ({how}, batch 1): "
                    f"{'holds' if r <= 0.6 else 'does not hold'}; {first['frame-2']:.2f} ms vs "
                    f"{first['chunk3-4']:.2f} ms = {r:.2f}x (issue target <= 0.40x: "
                    f"{'met' if r <= 0.40 else 'not met'})")
@@ -322,13 +356,17 @@ def claims(report: dict, speed: dict | None) -> list[str]:
     return out
 
 
+def _yaw(stats: dict) -> str:
+    return f"{stats['yaw_err_median']:.2f} / {stats['yaw_err_mean']:.2f}"
+
+
 def table(report: dict, speed: dict | None = None) -> str:
     hs = report["horizons"]
     head = " | ".join(f"h{h} PSNR" for h in hs) + " | " + " | ".join(f"h{h} SSIM" for h in hs)
     lines = [f"{report['windows']} held-out windows ({report['context']} context frames), {report['device']}; "
              "PSNR +- 95% interval over windows; detail = image-gradient energy / engine's (1 = as sharp); "
-             "yaw = annotator error, deg/frame (median).", "",
-             f"| student | steps | {head} | h{hs[-1]} detail | yaw median |",
+             "yaw = annotator error against the recorded yaw, deg/frame (median / mean).", "",
+             f"| student | steps | {head} | h{hs[-1]} detail | yaw median / mean |",
              "|---|---|" + "---|" * (2 * len(hs) + 2)]
     for name, s in report["students"].items():
         init = name.split("<-")[-1]
@@ -338,15 +376,15 @@ def table(report: dict, speed: dict | None = None) -> str:
             cells = [f"{h[str(x)]['psnr']:.2f} +- {h[str(x)]['psnr_ci']:.2f}" for x in hs]
             cells += [f"{h[str(x)]['ssim']:.3f}" for x in hs]
             lines.append(f"| {label} | {k} | " + " | ".join(cells)
-                         + f" | {h[str(hs[-1])]['detail']:.2f} | {r['yaw']['yaw_err_median']:.2f} |")
+                         + f" | {h[str(hs[-1])]['detail']:.2f} | {_yaw(r['yaw'])} |")
     cl = report["copy_last"]
     lines.append("| copy last context frame | - | " + " | ".join(f"{cl[str(x)]['psnr']:.2f}" for x in hs) + " | "
                  + " | ".join(f"{cl[str(x)]['ssim']:.3f}" for x in hs) + f" | {cl[str(hs[-1])]['detail']:.2f} | "
-                 f"{report['frozen_world']['yaw_err_median']:.2f} |")
+                 f"{_yaw(report['frozen_world'])} (a world that never turns) |")
     ae = report["ae_recon"]
     lines.append("| autoencoder reconstruction (ceiling) | - | " + " | ".join(f"{ae[str(x)]['psnr']:.2f}" for x in hs)
                  + " | " + " | ".join(f"{ae[str(x)]['ssim']:.3f}" for x in hs) + " | - | "
-                 f"{report['annotator_on_engine']['yaw_err_median']:.2f} (engine frames) |")
+                 f"{_yaw(report['annotator_on_engine'])} (the annotator on the engine's frames) |")
     st = (report.get("train") or {}).get("stages", {})
     if st:
         lines += ["", "| stage | steps | GPU-s | peak GiB |", "|---|---|---|---|"]
