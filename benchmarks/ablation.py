@@ -38,17 +38,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_tools.annotator import estimate_deltas
-from data_tools.eval_poses import compare
-from data_tools.poses import pose_deltas
-from data_tools.shards import ShardError, load_episode, read_manifest
+from benchmarks.ablation_report import interval, table
+from benchmarks.action_following import annotate, follow_stats
+from data_tools.shards import ShardError, read_manifest
 from worldmodel.build import BuildOptions, build
 from worldmodel.build_plan import PIPELINE, BuildError, Ledger, load_plan, stage_configs, weights_path
-from worldmodel.checkpoint import CheckpointError
-from worldmodel.eval import load_models, rollout, score, write_report
+from worldmodel.checkpoint import CheckpointError, load_training_state
+from worldmodel.eval import load_heldout, load_models, rollout, write_report
 from worldmodel.inference.generator import StreamingGenerator
 from worldmodel.metrics import detail, psnr, ssim
 from worldmodel.training.batches import decode_latents, encode_frames, float_to_frames, frames_to_float
+from worldmodel.training.causal_ode import PAIRS_SUBDIR
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
@@ -56,9 +56,8 @@ DEFAULT_PLAN = ROOT / "configs" / "ablation.yaml"
 BASE = "base"
 BASE_STAGES = ("autoencoder", "teacher", "ar_diffusion", "causal_cd")
 INITS = ("causal_cd", "ar_diffusion", "causal_ode")  # DMD branches in this order: the paper's method first
-LABEL = {"ar_diffusion": "AR diffusion", "causal_ode": "Causal ODE", "causal_cd": "Causal CD"}
-# Claim thresholds (stated in the table): "clearly worse" = at least this many dB lower at h8.
-CLEARLY_DB = 0.5
+YAW_KEYS = ("yaw_err_median", "yaw_err_p90", "yaw_err_mean", "frames", "turning_frames", "yaw_err_median_turning",
+            "yaw_sign_agree", "yaw_gain")
 
 
 def branch(init: str) -> str:
@@ -67,8 +66,8 @@ def branch(init: str) -> str:
 
 def checkpoints(run: Path) -> dict[str, Path]:
     """name -> DiT weights of every student the evaluation compares (inits alone, then DMD from each)."""
-    out = {init: weights_path(run / BASE, init) for init in ("ar_diffusion", "causal_ode", "causal_cd")}
-    return out | {f"dmd<-{init}": weights_path(run / branch(init), "dmd") for init in INITS}
+    inits = {init: weights_path(run / BASE, init) for init in sorted(INITS)}  # alphabetical: AR, CD, ODE
+    return inits | {f"dmd<-{init}": weights_path(run / branch(init), "dmd") for init in INITS}
 
 
 # ----- train -----
@@ -78,9 +77,11 @@ def link_inputs(run: Path, init: str) -> Path:
     out = run / branch(init)
     out.mkdir(parents=True, exist_ok=True)
     for stage in ("autoencoder", "teacher", init):
-        link = out / stage
+        link, target = out / stage, Path("..") / BASE / stage
         if not link.is_symlink() and not link.exists():
-            link.symlink_to(Path("..") / BASE / stage, target_is_directory=True)
+            link.symlink_to(target, target_is_directory=True)
+        if link.resolve() != (run / BASE / stage).resolve():
+            raise BuildError(f"{link} is not a link to {run / BASE / stage}; remove it and run again")
     return out
 
 
@@ -111,19 +112,18 @@ def stage_costs(run_dir: Path, ledger: Ledger, cfgs: dict) -> dict[str, dict[str
     out = {}
     for name, cfg in cfgs.items():
         s = ledger.status(name, cfg, run_dir)
-        out[name] = {"steps": s.step, "gpu_seconds": s.gpu_seconds, "peak_mem": s.peak_mem}
+        out[name] = {"steps": s.step, "gpu_seconds": s.gpu_seconds, "peak_mem": s.peak_mem,
+                     "batch_size": cfg.data.batch_size}
     return out
 
 
 def ode_store_cost(run: Path) -> dict[str, float]:
     """Bytes of Causal ODE's stored trajectories and the seconds the teacher took to generate them."""
-    from worldmodel.training.causal_ode import PAIRS_SUBDIR
-
     pairs = run / BASE / "causal_ode" / PAIRS_SUBDIR
     chunks = sorted(pairs.glob("chunk_*.pt"))
     gen_s, clips = 0.0, 0
-    for path in chunks:  # the chunks are small dicts of tensors; reading them back is the honest count
-        chunk = torch.load(path, map_location="cpu", weights_only=False)
+    for path in chunks:  # reading the chunks back is the honest count (PairStore would also check their levels)
+        chunk = load_training_state(path)
         gen_s += float(chunk["gen_seconds"])
         clips += int(chunk["states"].shape[0])
     return {"bytes": float(sum(p.stat().st_size for p in chunks)), "gen_seconds": gen_s, "clips": clips}
@@ -149,8 +149,9 @@ def train(data: Path, run: Path, *, config: Path, plan_path: Path, overrides: li
     if done:
         done = run_build(base, ("causal_ode",), [f"causal_ode.stage.steps={ode_steps(run, config, plan, overrides)}"])
     for init in INITS:
-        if done:
-            done = run_build(link_inputs(run, init), ("dmd",))
+        if done:  # the init named outright (the build's own wiring would pick whichever student it finds)
+            b = link_inputs(run, init)
+            done = run_build(b, ("dmd",), [f"dmd.stage.init={weights_path(b, init)}"])
     summary = {"complete": done, "data": str(data), "config": str(config), "plan": str(plan_path),
                "overrides": overrides, "device": device, "stages": {}}
     if base.is_dir():
@@ -163,38 +164,14 @@ def train(data: Path, run: Path, *, config: Path, plan_path: Path, overrides: li
             summary["stages"][branch(init)] = stage_costs(b, Ledger(b), cfg)["dmd"]
     if (base / "causal_ode").is_dir():
         summary["ode_store"] = ode_store_cost(run)
+    if "causal_cd" in summary["stages"]:
+        summary["cd_batch_size"] = summary["stages"]["causal_cd"]["batch_size"]
     run.mkdir(parents=True, exist_ok=True)
     (run / "ablation_train.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
 # ----- evaluate -----
-
-def heldout_windows(data_dir: Path, length: int, stride: int, episodes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Windows of `length` frames every `stride` frames of the held-out episodes -> frames (N,L,H,W,3),
-    deltas (N,L,5) (each window's first delta is the recorded one, not 0)."""
-    manifest = read_manifest(data_dir)
-    held = [e for e in manifest["episodes"] if e.get("split") == "heldout"][:episodes]
-    if not held:
-        raise ValueError(f"{data_dir} has no held-out episodes (manifest split 'heldout')")
-    frames, deltas = [], []
-    for entry in held:
-        ep = load_episode(data_dir, entry, manifest)
-        d = pose_deltas(ep["poses"])
-        for start in range(0, len(ep["frames"]) - length + 1, stride):
-            frames.append(ep["frames"][start:start + length])
-            deltas.append(d[start:start + length])
-    if not frames:
-        raise ValueError(f"held-out episodes of {data_dir} are shorter than one window of {length} frames")
-    return np.stack(frames), np.stack(deltas)
-
-
-def interval(values: torch.Tensor) -> tuple[float, float]:
-    """(mean, half-width of the normal 95% interval of the mean)."""
-    v = values.double()
-    half = 1.96 * float(v.std()) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
-    return float(v.mean()), half
-
 
 def picture_scores(pred: np.ndarray, truth: np.ndarray, horizons: list[int]) -> dict[str, dict[str, float]]:
     """Per horizon: PSNR and SSIM (mean, 95% half-width over windows) and the detail ratio."""
@@ -210,18 +187,17 @@ def picture_scores(pred: np.ndarray, truth: np.ndarray, horizons: list[int]) -> 
     return out
 
 
-def _yaw_one(args: tuple[np.ndarray, float]) -> np.ndarray:
-    frames, fov = args
-    return estimate_deltas(frames, fov)[0]
+def _annotate(args: tuple[np.ndarray, float]) -> np.ndarray:
+    return annotate(*args)
 
 
 def yaw_following(sequences: np.ndarray, truth_deltas: np.ndarray, fov: float, workers: int) -> dict[str, float]:
-    """The annotator on each (L+1)-frame sequence [last context frame, L frames] vs the recorded deltas (N,L,5)."""
+    """The annotator on each (L+1)-frame sequence [last context frame, L frames] against the recorded deltas
+    (N, L, 5): row j of a window is the motion into its frame j, as `rollout` conditions frame j on it."""
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        est = list(pool.map(_yaw_one, [(s, fov) for s in sequences]))
-    est = np.concatenate([e[1:] for e in est])
-    stats = compare(est, truth_deltas.reshape(-1, truth_deltas.shape[-1]))
-    return {k: stats[k] for k in ("yaw_err_median", "yaw_err_p90", "yaw_err_mean", "frames")}
+        est = np.concatenate(list(pool.map(_annotate, [(seq, fov) for seq in sequences])))
+    stats = follow_stats(est, truth_deltas.reshape(-1, truth_deltas.shape[-1]))
+    return {k: stats[k] for k in YAW_KEYS}
 
 
 def evaluate(data_dir: Path, run: Path, *, steps=(1, 2, 4), horizons=(1, 8, 32), context: int = 4,
@@ -236,34 +212,35 @@ def evaluate(data_dir: Path, run: Path, *, steps=(1, 2, 4), horizons=(1, 8, 32),
     missing = sorted(set(checkpoints(run)) - set(found))
     if not found:
         raise CheckpointError(f"{run} holds none of the ablation's students; run `benchmarks.ablation train` first")
-    frames, deltas = heldout_windows(data_dir, context + max(horizons), stride, episodes)
+    frames, deltas = load_heldout(data_dir, episodes, context + max(horizons), stride=stride)
     truth, truth_deltas = frames[:, context:], deltas[:, context:]
-    fov = float(read_manifest(data_dir).get("fov") or read_manifest(data_dir).get("recording", {}).get("fov") or 90.0)
+    manifest = read_manifest(data_dir)
+    if "fov" not in manifest:
+        raise ValueError(f"{data_dir / 'manifest.json'} names no fov: the pose annotator needs the frames' field of view")
+    fov = float(manifest["fov"])
     last = frames[:, context - 1]
+    with_last = lambda pred: np.concatenate([last[:, None], pred], axis=1)  # noqa: E731  (N, 1 + L, H, W, 3)
     report: dict[str, Any] = {"data": str(data_dir), "run": str(run), "windows": int(frames.shape[0]),
                               "context": context, "horizons": horizons, "steps": list(steps), "fov": fov,
                               "missing": missing, "students": {}}
-    yaw_seq = lambda pred: np.concatenate([last[:, None], pred], axis=1)  # noqa: E731
-    report["annotator_on_engine"] = yaw_following(yaw_seq(truth), truth_deltas, fov, workers)
-    report["frozen_world"] = compare(np.zeros_like(truth_deltas.reshape(-1, 5)), truth_deltas.reshape(-1, 5))
-    recon_done = False
+    report["annotator_on_engine"] = yaw_following(with_last(truth), truth_deltas, fov, workers)
+    frozen = follow_stats(np.zeros_like(truth_deltas.reshape(-1, 5)), truth_deltas.reshape(-1, 5))
+    report["frozen_world"] = {k: frozen[k] for k in YAW_KEYS}
+    report["copy_last"] = picture_scores(np.repeat(last[:, None], truth.shape[1], 1), truth, horizons)
     for name, path in found.items():
         cfg, meta, dit, ae = load_models(path, ae_path, device)
-        if not recon_done:  # the autoencoder's ceiling and the copy-last baseline, once
+        if "ae_recon" not in report:  # the autoencoder's ceiling (every student shares base's autoencoder)
             with torch.no_grad():
                 x = frames_to_float(torch.from_numpy(truth).to(device))
                 recon = float_to_frames(decode_latents(ae, encode_frames(ae, x, bf16=False), bf16=False)).cpu().numpy()
-            base = score(recon, truth, recon, last, horizons)
-            report["ae_recon"] = {h: {"psnr": r["model_psnr"], "ssim": r["model_ssim"]} for h, r in base.items()}
-            report["copy_last"] = picture_scores(np.repeat(last[:, None], truth.shape[1], 1), truth, horizons)
-            recon_done = True
+            report["ae_recon"] = picture_scores(recon, truth, horizons)
         rows = {}
         for k in steps:
             gen_cfg = dataclasses.replace(cfg.generator, steps=k, first_frame_steps=k, block_size=1)
             gen = StreamingGenerator(dit, ae, meta["pose_stats"], gen_cfg, cfg.flow, device=device)
             pred, latency = rollout(gen, frames, deltas, context, seed)
             rows[str(k)] = {"horizons": picture_scores(pred, truth, horizons),
-                            "yaw": yaw_following(yaw_seq(pred), truth_deltas, fov, workers),
+                            "yaw": yaw_following(with_last(pred), truth_deltas, fov, workers),
                             "per_frame_s": latency["per_frame_s"]}
             h = rows[str(k)]["horizons"]
             print(f"{name:20s} {k}-step: " + "  ".join(f"h{x} {h[str(x)]['psnr']:.2f} dB" for x in horizons)
@@ -275,122 +252,6 @@ def evaluate(data_dir: Path, run: Path, *, steps=(1, 2, 4), horizons=(1, 8, 32),
     if train_json.is_file():
         report["train"] = json.loads(train_json.read_text())
     return report
-
-
-# ----- table and claims -----
-
-def _horizon(report: dict, name: str, k: int, h: int) -> dict | None:
-    s = report["students"].get(name)
-    return None if s is None else s["samplers"][str(k)]["horizons"][str(h)]
-
-
-def psnr_difference(report: dict, a: str, b: str, k: int, h: int) -> tuple[float, float] | None:
-    """PSNR of student a minus b at k steps, horizon h: (mean, 95% half-width) over the same windows, paired
-    (half-width nan when the report has no per-window values); None when either is missing."""
-    ra, rb = _horizon(report, a, k, h), _horizon(report, b, k, h)
-    if ra is None or rb is None:
-        return None
-    if "psnr_windows" in ra and "psnr_windows" in rb:
-        return interval(torch.tensor(ra["psnr_windows"]) - torch.tensor(rb["psnr_windows"]))
-    return ra["psnr"] - rb["psnr"], float("nan")
-
-
-def _fmt(d: tuple[float, float], k: int) -> str:
-    return f"{d[0]:+.2f}" + ("" if math.isnan(d[1]) else f" +- {d[1]:.2f}") + f" dB at {k}-step"
-
-
-def claims(report: dict, speed: dict | None) -> list[str]:
-    """The paper's claims, each 'holds' / 'does not hold' / 'not measured' with the numbers behind it
-    (PSNR differences at h8 are paired over the same held-out windows, +- their 95% interval)."""
-    out, h8 = [], 8 if 8 in report["horizons"] else report["horizons"][-1]
-    steps = report["steps"]
-
-    def diffs(a: str, b: str, ks) -> list[tuple[float, float]] | None:
-        vals = [psnr_difference(report, a, b, k, h8) for k in ks]
-        return None if any(v is None for v in vals) else vals
-
-    d = diffs("dmd<-causal_cd", "dmd<-causal_ode", steps)
-    if d is None:
-        out.append("Causal CD >= Causal ODE in quality: not measured (a DMD student is missing)")
-    else:
-        verdict = "holds" if sum(x for x, _ in d) >= 0 else "does not hold"
-        out.append(f"Causal CD >= Causal ODE in quality (after the same DMD): {verdict}; h{h8} PSNR CD - ODE = "
-                   + ", ".join(_fmt(x, k) for x, k in zip(d, steps)))
-    few = [k for k in steps if k <= 2]
-    da, db = diffs("dmd<-ar_diffusion", "dmd<-causal_cd", few), diffs("dmd<-ar_diffusion", "dmd<-causal_ode", few)
-    if da is None or db is None:
-        out.append("AR-diffusion init clearly worse at 1-2 steps: not measured (a DMD student is missing)")
-    else:
-        worse = all(x <= -CLEARLY_DB for x, _ in da + db)
-        out.append(f"AR-diffusion init clearly worse (>= {CLEARLY_DB} dB lower at h{h8}) at 1-2 steps after DMD: "
-                   f"{'holds' if worse else 'does not hold'}; AR - CD = "
-                   + ", ".join(_fmt(x, k) for x, k in zip(da, few)) + "; AR - ODE = "
-                   + ", ".join(_fmt(x, k) for x, k in zip(db, few)))
-    st = (report.get("train") or {}).get("stages", {})
-    if "causal_cd" in st and "causal_ode" in st:
-        cd, ode = st["causal_cd"], st["causal_ode"]
-        store = report["train"].get("ode_store", {})
-        ratio = ode["gpu_seconds"] / max(cd["gpu_seconds"], 1e-9)
-        verdict = "holds" if ratio >= 3.0 else "does not hold"
-        out.append(f"Causal CD about 4x cheaper, no storage: {verdict} at equal training steps; Causal ODE "
-                   f"{ode['gpu_seconds']:.0f} GPU-s ({store.get('gen_seconds', float('nan')):.0f} s generating "
-                   f"{store.get('clips', 0)} clips of trajectories, {store.get('bytes', 0) / 2**20:.0f} MiB stored) vs "
-                   f"Causal CD {cd['gpu_seconds']:.0f} GPU-s, 0 bytes stored: ODE / CD = {ratio:.2f}x")
-    else:
-        out.append("Causal CD about 4x cheaper: not measured (no training costs in the report)")
-    first, key = {}, "first_frame_ms"
-    rows = [r for r in (speed or {}).get("rows", []) if r.get("batch") == 1 and r.get("path", "eager") == "eager"]
-    if rows and all("first_frame_latents_ms" in r for r in rows):
-        key = "first_frame_latents_ms"  # as a packaged world resets: from stored latents, no encoder
-    for row in rows:
-        first.setdefault(row["sampler"], row.get(key))
-    if first.get("frame-2") and first.get("chunk3-4"):
-        r = first["frame-2"] / first["chunk3-4"]
-        how = "from latent context" if key == "first_frame_latents_ms" else "from uint8 context, encoder included"
-        out.append(f"frame-wise 2-step first-frame latency about half of chunk-wise 4-step ({how}, batch 1): "
-                   f"{'holds' if r <= 0.6 else 'does not hold'}; {first['frame-2']:.2f} ms vs "
-                   f"{first['chunk3-4']:.2f} ms = {r:.2f}x (issue target <= 0.40x: "
-                   f"{'met' if r <= 0.40 else 'not met'})")
-    else:
-        out.append("frame-wise 2-step first-frame latency vs chunk-wise 4-step: not measured (pass --speed)")
-    return out
-
-
-def _yaw(stats: dict) -> str:
-    return f"{stats['yaw_err_median']:.2f} / {stats['yaw_err_mean']:.2f}"
-
-
-def table(report: dict, speed: dict | None = None) -> str:
-    hs = report["horizons"]
-    head = " | ".join(f"h{h} PSNR" for h in hs) + " | " + " | ".join(f"h{h} SSIM" for h in hs)
-    lines = [f"{report['windows']} held-out windows ({report['context']} context frames), {report['device']}; "
-             "PSNR +- 95% interval over windows; detail = image-gradient energy / engine's (1 = as sharp); "
-             "yaw = annotator error against the recorded yaw, deg/frame (median / mean).", "",
-             f"| student | steps | {head} | h{hs[-1]} detail | yaw median / mean |",
-             "|---|---|" + "---|" * (2 * len(hs) + 2)]
-    for name, s in report["students"].items():
-        init = name.split("<-")[-1]
-        label = f"DMD from {LABEL[init]}" if name.startswith("dmd") else f"{LABEL[init]} (no DMD)"
-        for k, r in s["samplers"].items():
-            h = r["horizons"]
-            cells = [f"{h[str(x)]['psnr']:.2f} +- {h[str(x)]['psnr_ci']:.2f}" for x in hs]
-            cells += [f"{h[str(x)]['ssim']:.3f}" for x in hs]
-            lines.append(f"| {label} | {k} | " + " | ".join(cells)
-                         + f" | {h[str(hs[-1])]['detail']:.2f} | {_yaw(r['yaw'])} |")
-    cl = report["copy_last"]
-    lines.append("| copy last context frame | - | " + " | ".join(f"{cl[str(x)]['psnr']:.2f}" for x in hs) + " | "
-                 + " | ".join(f"{cl[str(x)]['ssim']:.3f}" for x in hs) + f" | {cl[str(hs[-1])]['detail']:.2f} | "
-                 f"{_yaw(report['frozen_world'])} (a world that never turns) |")
-    ae = report["ae_recon"]
-    lines.append("| autoencoder reconstruction (ceiling) | - | " + " | ".join(f"{ae[str(x)]['psnr']:.2f}" for x in hs)
-                 + " | " + " | ".join(f"{ae[str(x)]['ssim']:.3f}" for x in hs) + " | - | "
-                 f"{_yaw(report['annotator_on_engine'])} (the annotator on the engine's frames) |")
-    st = (report.get("train") or {}).get("stages", {})
-    if st:
-        lines += ["", "| stage | steps | GPU-s | peak GiB |", "|---|---|---|---|"]
-        lines += [f"| {n} | {c['steps']} | {c['gpu_seconds']:.0f} | {c['peak_mem'] / 2**30:.1f} |" for n, c in st.items()]
-    lines += ["", "Claims of the paper, checked here:", ""] + [f"- {c}" for c in claims(report, speed)]
-    return "\n".join(lines) + "\n"
 
 
 # ----- command line -----

@@ -78,11 +78,13 @@ class WorldBatch:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         collision: str | Path | torch.nn.Module | None = None,
+        fast: str | None = None,
     ):
         self.world = world
         self.num = num_worlds
         self.device = torch.device(device) if device is not None else default_device()
-        self.generator = world.generator(num_worlds, steps=steps, device=self.device, dtype=dtype)
+        # fast: the generator's steady-state path (None: CUDA graphs on CUDA, the static step on the CPU).
+        self.generator = world.generator(num_worlds, steps=steps, device=self.device, dtype=dtype, fast=fast)
         # Optional walls (envs/collision.py): the frame shown gates the action model's forward/strafe.
         self.collision = None
         if collision is not None:

@@ -132,11 +132,10 @@ def test_speed_benchmark_runs_end_to_end(tmp_path):
         assert r["floor_ms"] == pytest.approx(1e3 * max(r["gflop_per_frame"] * 1e9 * r["batch"] * r["frames_per_call"],
                                                         r["mb_per_call"] * 1e6) / 1e10)
     assert rows[("chunk3-4", 1)]["frames_per_call"] == 3
-    # The first frame from latents skips the encoder; on this tiny config the encoder is cheap, so only a loose bound
-    # (timing noise of a 1-thread CPU run) is asserted beside it being measured at all.
-    for (sampler, b), r in rows.items():
-        if sampler != "teacher":
-            assert 0 < r["first_frame_latents_ms"] < r["first_frame_ms"] * 1.5
+    # Both first-frame times (from uint8 frames and from latents, as a packaged world resets) are measured, and
+    # the report says how (a change of method makes old and new first-frame columns incomparable).
+    assert all(r["first_frame_latents_ms"] > 0 for (sampler, _), r in rows.items() if sampler != "teacher")
+    assert "median of 5" in saved["first_frame_method"]
     # 48 network calls over a 4-frame window per teacher frame against 2 one-frame calls.
     assert rows[("teacher", 1)]["step_median_ms"] > 3 * rows[("frame-1", 1)]["step_median_ms"]
     assert rows[("frame-4", 1)]["gflop_per_frame"] > rows[("frame-2", 1)]["gflop_per_frame"] > rows[("frame-1", 1)]["gflop_per_frame"]

@@ -78,8 +78,12 @@ class WindowedEulerGenerator:
         return float_to_frames(decode_latents(self.ae, z_new[:, None], bf16=False))[:, 0]
 
 
-def load_heldout(data_dir: str | Path, episodes: int, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """First `length` frames of up to `episodes` held-out episodes -> frames (N,L,H,W,3), deltas (N,L,5)."""
+def load_heldout(data_dir: str | Path, episodes: int, length: int,
+                 stride: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out windows -> frames (N,L,H,W,3), deltas (N,L,5) (a window's first delta is the recorded one).
+
+    stride None: the first `length` frames of up to `episodes` held-out episodes (shortened to the shortest
+    episode). stride S: every window of exactly `length` frames starting every S frames of each episode."""
     from data_tools.poses import pose_deltas
 
     manifest = read_manifest(data_dir)
@@ -87,10 +91,20 @@ def load_heldout(data_dir: str | Path, episodes: int, length: int) -> tuple[np.n
     if not held:
         raise ValueError(f"{data_dir} has no held-out episodes (manifest split 'heldout')")
     eps = [load_episode(data_dir, e, manifest) for e in held[:episodes]]
-    length = min(length, min(len(e["frames"]) for e in eps))
-    frames = np.stack([e["frames"][:length] for e in eps])
-    deltas = np.stack([pose_deltas(e["poses"])[:length] for e in eps])
-    return frames, deltas
+    if stride is None:
+        length = min(length, min(len(e["frames"]) for e in eps))
+        starts = [[0] for _ in eps]
+    else:
+        starts = [range(0, len(e["frames"]) - length + 1, stride) for e in eps]
+        if not any(len(s) for s in starts):
+            raise ValueError(f"held-out episodes of {data_dir} are shorter than one window of {length} frames")
+    frames, deltas = [], []
+    for ep, ss in zip(eps, starts):
+        d = pose_deltas(ep["poses"])
+        for s in ss:
+            frames.append(ep["frames"][s:s + length])
+            deltas.append(d[s:s + length])
+    return np.stack(frames), np.stack(deltas)
 
 
 def load_models(checkpoint: str | Path, autoencoder: str | Path, device: torch.device):

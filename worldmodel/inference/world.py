@@ -81,6 +81,14 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def default_fast(device: str | torch.device) -> str:
+    """The StreamingGenerator fast path a world's generator uses when none is given: CUDA graphs on CUDA,
+    the same static frame step run eagerly elsewhere. Both give the eager step's frames for the same noise
+    (tests/test_graphed.py) and are faster (benchmarks/RESULTS.md: H200 2-step B=1 29 -> 2.5 ms, 2-core CPU
+    -16 to -24%)."""
+    return "graph" if torch.device(device).type == "cuda" else "static"
+
+
 def default_dtype(device: str | torch.device) -> torch.dtype:
     """The compute dtype a generator on `device` should use when none is given.
 
@@ -187,9 +195,11 @@ class World:
         steps: int | None = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
+        fast: str | None = None,
     ) -> BatchedGenerator:
         """A StreamingGenerator (with per-world noise and reset_rows) for `batch_size` worlds; `steps`
-        overrides the shipped denoising steps; device default cuda if available, dtype default
+        overrides the shipped denoising steps; fast: "off" | "static" | "graph" (default default_fast(device));
+        device default cuda if available, dtype default
         default_dtype(device) (bf16 where the hardware runs it fast, else fp32); a dtype or its name."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -202,7 +212,8 @@ class World:
             gen_cfg = dataclasses.replace(gen_cfg, steps=steps)
         dit, ae = self.modules()
         # The batch is fixed by the first reset(); batch_size is checked here so that a bad value fails early.
-        return BatchedGenerator(dit, ae, self.pose_stats, gen_cfg, self.config.flow, device=device, dtype=dtype)
+        return BatchedGenerator(dit, ae, self.pose_stats, gen_cfg, self.config.flow, device=device, dtype=dtype,
+                                fast=fast or default_fast(device))
 
 
 def save_world(
