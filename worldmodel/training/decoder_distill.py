@@ -46,7 +46,7 @@ from worldmodel.inference.generator import autoencoder_on
 from worldmodel.inference.world import World, WorldError, default_device, default_dtype, save_world
 from worldmodel.metrics import detail, psnr, ssim
 from worldmodel.models.autoencoder import Autoencoder
-from worldmodel.training.batches import decode_latents, float_to_frames, frames_to_float
+from worldmodel.training.batches import float_to_frames, frames_to_float
 
 Tensor = torch.Tensor
 # Canonical actions (forward, strafe, turn, look) the random player holds: walking, turning, both, strafing.
@@ -93,19 +93,21 @@ def rollout_latents(world: World, worlds: int, frames: int, seed: int, device, d
 
 
 @torch.no_grad()
-def decode_to_frames(ae: Autoencoder, z: Tensor, device, bf16: bool, chunk: int = 64) -> Tensor:
-    """Latents (N, C, h, w) -> uint8 frames (N, H, W, 3) on the CPU, as a world's generator shows them."""
-    parts = [float_to_frames(decode_latents(ae, p.to(device)[:, None], bf16=bf16)[:, 0]).cpu() for p in z.split(chunk)]
-    return torch.cat(parts)
+def decode_to_frames(ae: Autoencoder, z: Tensor, device, dtype, chunk: int = 64) -> Tensor:
+    """Latents (N, C, h, w) -> uint8 frames (N, H, W, 3) on the CPU, as a world's generator shows them: through
+    its channels_last copy in the play dtype (on the CPU 2.4x faster than fp32 weights under autocast)."""
+    play = autoencoder_on(ae, device, dtype)
+    layout = torch.channels_last
+    return torch.cat([float_to_frames(play.decode(p.to(device, dtype).contiguous(memory_format=layout)).float()).cpu()
+                      for p in z.split(chunk)])
 
 
 def make_pools(world: World, cfg: DistillConfig, device, dtype, teacher: Autoencoder) -> dict[str, Tensor]:
-    bf16 = dtype == torch.bfloat16
     pools = {}
     for name, worlds, seed in (("train", cfg.worlds, cfg.seed), ("heldout", cfg.heldout_worlds, cfg.seed + 1)):
         z = rollout_latents(world, worlds, cfg.frames, seed, device, dtype)
         pools[f"{name}_latents"] = z
-        pools[f"{name}_frames"] = decode_to_frames(teacher, z, device, bf16)
+        pools[f"{name}_frames"] = decode_to_frames(teacher, z, device, dtype)
     return pools
 
 
@@ -126,9 +128,8 @@ def distill_loss(student: Autoencoder, z: Tensor, target: Tensor) -> Tensor:
 @torch.no_grad()
 def measure(student: Autoencoder, teacher: Autoencoder, pools: dict[str, Tensor], device, dtype) -> dict[str, Any]:
     """The student on the held-out pool against the world's decoder's frames, and both decoders' time."""
-    bf16 = dtype == torch.bfloat16
     z, goal = pools["heldout_latents"], pools["heldout_frames"]
-    pred = decode_to_frames(student, z, device, bf16)
+    pred = decode_to_frames(student, z, device, dtype)
     out = {"heldout_frames": int(len(z)), "psnr": float(psnr(pred, goal).clamp(max=99).mean()),
            "ssim": float(ssim(pred, goal).mean()),
            "detail_ratio": float(detail(pred).mean() / detail(goal).mean().clamp(min=1e-8))}
