@@ -126,7 +126,10 @@ class Game:
         from worldmodel.inference.recording import Recorder
 
         path = path or time.strftime("recordings/worldmodel_%Y%m%d_%H%M%S.mp4")
-        self.recorder = Recorder(path, self.fps, {"seed": self.seed, "steps": self.steps_label})
+        env = getattr(self.env, "unwrapped", self.env)  # a CompareEnv is no gymnasium.Env
+        gen = getattr(getattr(env, "_core", None), "generator", None)
+        how = {"fast": gen.fast, "device": str(gen.device), "dtype": str(gen.dtype)} if gen is not None else {}
+        self.recorder = Recorder(path, self.fps, {"seed": self.seed, "steps": self.steps_label, **how})
         self.rec_psnr, self.rec_real_poses = [], []
         self.record_path = None  # a second Tab-started recording gets a fresh, time-stamped name
 
@@ -243,6 +246,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="world directory (default: the weights shipped in worldmodel/weights/)")
     p.add_argument("--steps", type=int, choices=(1, 2, 4), default=None, help="denoising steps per frame")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--fast", default=None, choices=("off", "static", "graph"),
+                   help="generator step path (default: CUDA graphs on a GPU, the static step on the CPU; off = eager)")
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float32", "float16"),
                    help="compute dtype (default: bf16 on GPUs and AMX/AVX512-BF16 CPUs, else float32)")
     p.add_argument("--seed", type=int, default=0, help="seeds the start context and the generator's noise")
@@ -270,7 +275,7 @@ def main(argv=None) -> None:
 
     try:
         env = WorldModelEnv(world=args.world, steps=args.steps, device=args.device, dtype=args.dtype,
-                            action_type="camera", report_latency=True)
+                            action_type="camera", report_latency=True, fast=args.fast)
     except WorldError as err:
         sys.exit(f"play.py: {err}")
     steps_label = str(args.steps or env.world.config.generator.steps)

@@ -2,8 +2,9 @@
 
 Made by `gymnasium.make_vec("worldmodel/Doom-v0", num_envs=N, vectorization_mode="vector_entry_point")`
 (or the camera id). Same spaces, rewards, starts and infos as `WorldModelEnv` (whose docstring is the
-spec); world i behaves exactly like a `WorldModelEnv` reset with seed `seed + i` and given the same actions,
-because both drive the same `envs.core.WorldBatch`.
+spec, `fast` included); world i behaves like a `WorldModelEnv` reset with seed `seed + i` and given the same
+actions, because both drive the same `envs.core.WorldBatch` (exactly until a partial reset; frames then agree to a
+rounding level, see below).
 
 Autoreset follows Gymnasium 1.x `AutoresetMode.NEXT_STEP`: the step after a world terminates or is
 truncated resets it (its action is ignored, reward 0, its observation is the new start frame).
@@ -50,6 +51,7 @@ class WorldModelVectorEnv(gymnasium.vector.VectorEnv):
         max_episode_steps: int | None = None,
         report_latency: bool = False,
         collision: str | Path | torch.nn.Module | None = None,
+        fast: str | None = None,
     ):
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
@@ -66,7 +68,8 @@ class WorldModelVectorEnv(gymnasium.vector.VectorEnv):
         self.action_space = batch_space(self.single_action_space, num_envs)
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self._core = WorldBatch(self.world, num_envs, make_reward(task, reward_fn, **(task_kwargs or {})),
-                                steps=steps, device=device, dtype=dtype, collision=collision)
+                                steps=steps, device=device, dtype=dtype, collision=collision,
+                                fast=fast)
         self._rngs: list[np.random.Generator] | None = None  # one per world, as a single env's np_random
         self._steps = np.zeros(num_envs, np.int64)
         self._autoreset = np.zeros(num_envs, bool)

@@ -53,7 +53,8 @@ class WorldModelEnv(gymnasium.Env):
     A start context (real engine frames, their pose deltas and poses) drawn uniformly from the world's
     start set with `self.np_random`, or chosen with `reset(options={"start_index": i})`. The first
     observation is the context's last frame. The generator's noise is seeded from `self.np_random`, so
-    `reset(seed=s)` plus the same actions gives the same frames (on the same device and dtype).
+    `reset(seed=s)` plus the same actions gives the same frames (on the same device, dtype and `fast` path;
+    the default fast path matches `fast="off"` to rounding: in fp32 at most one grey level, in bf16 a few).
 
     ## Episode End
 
@@ -74,7 +75,10 @@ class WorldModelEnv(gymnasium.Env):
     `reward_fn` or `task` ("none", "explore") with `task_kwargs`, `render_mode` ("rgb_array", "human"),
     `action_type`, `pitch`, `max_episode_steps` (None: the TimeLimit wrapper of `gymnasium.make` ends episodes),
     `report_latency`, `collision` (a fitted `envs/collision.py` gate, path or module: the frame shown scales
-    the action model's forward/strafe, so the camera stops at walls it sees; default None: no walls).
+    the action model's forward/strafe, so the camera stops at walls it sees; default None: no walls), `fast`
+    (the generator's steady-state path: "off" = eager, "static", "graph" = CUDA graphs; default None = graph on
+    CUDA, static elsewhere, `worldmodel.inference.world.default_fast`). On CUDA the first frame after the window
+    fills also captures the graph (tens of ms, once), which `latency_ms` includes.
 
     ## Version History
 
@@ -98,6 +102,7 @@ class WorldModelEnv(gymnasium.Env):
         max_episode_steps: int | None = None,
         report_latency: bool = False,
         collision: str | Path | torch.nn.Module | None = None,
+        fast: str | None = None,
     ):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
@@ -109,7 +114,8 @@ class WorldModelEnv(gymnasium.Env):
         self.max_episode_steps = max_episode_steps
         self.report_latency = report_latency
         self._core = WorldBatch(self.world, 1, make_reward(task, reward_fn, **(task_kwargs or {})),
-                                steps=steps, device=device, dtype=dtype, collision=collision)
+                                steps=steps, device=device, dtype=dtype, collision=collision,
+                                fast=fast)
         self._steps = 0
         self._window = None
 

@@ -91,3 +91,23 @@ def test_exported_world_plays_with_the_student_decoder(tiny_world, tmp_path):
 def test_bad_world_is_a_clear_error(tmp_path, capsys):
     assert main(["--world", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_held_out_starts_are_disjoint_and_the_teacher_scores_perfectly_against_itself(tiny_world):
+    from worldmodel.training.decoder_distill import make_pools, measure, split_starts
+
+    train_s, held_s = split_starts(8)
+    assert list(train_s) == [0, 1, 2, 3, 4, 5] and list(held_s) == [6, 7]
+    assert [list(x) for x in split_starts(1)] == [[0], [0]]
+    _, teacher = tiny_world.modules()
+    pools = make_pools(tiny_world, small(), "cpu", torch.float32, teacher)
+    same = measure(teacher, teacher, pools, torch.device("cpu"), torch.float32)  # layouts and metrics line up
+    assert same["psnr"] == 99 and same["ssim"] == pytest.approx(1.0, abs=1e-6)
+    assert same["detail_ratio"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_pools_of_other_settings_are_refused(tiny_world, tmp_path):
+    train(tiny_world, tmp_path / "run", small(steps=0), progress=False, **CPU)
+    (tmp_path / "run" / "state.pt").unlink()  # as if stopped before its first checkpoint: only the pools are there
+    with pytest.raises(WorldError, match="pools.pt was made with"):
+        train(tiny_world, tmp_path / "run", small(steps=0, frames=7), progress=False, **CPU)

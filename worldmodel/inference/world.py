@@ -83,9 +83,9 @@ def default_device() -> torch.device:
 
 def default_fast(device: str | torch.device) -> str:
     """The StreamingGenerator fast path a world's generator uses when none is given: CUDA graphs on CUDA,
-    the same static frame step run eagerly elsewhere. Both give the eager step's frames for the same noise
-    (tests/test_graphed.py) and are faster (benchmarks/RESULTS.md: H200 2-step B=1 29 -> 2.5 ms, 2-core CPU
-    -16 to -24%)."""
+    the same static frame step run eagerly elsewhere. Both give the eager step's frames for the same noise up to
+    rounding (fp32 latents within ~1e-5, tests/test_graphed.py; bf16 frames a few grey levels apart) and are
+    faster (benchmarks/RESULTS.md: H200 2-step B=1 29 -> 2.5 ms, 2-core CPU -16 to -24%)."""
     return "graph" if torch.device(device).type == "cuda" else "static"
 
 

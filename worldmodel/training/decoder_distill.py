@@ -71,11 +71,23 @@ class DistillConfig:
     seed: int = 0
 
 
-def rollout_latents(world: World, worlds: int, frames: int, seed: int, device, dtype) -> Tensor:
-    """Latents (worlds * frames, C, h, w) float32 on the CPU: the world's student under random held actions."""
+def split_starts(num_starts: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train starts, held-out starts): the last quarter of the world's start contexts (at least one) is held
+    out, so the held-out pool is measured on places the training pool never started from (with one start, both
+    use it)."""
+    held = max(1, num_starts // 4)
+    all_ = np.arange(num_starts)
+    return (all_[:-held], all_[-held:]) if num_starts > 1 else (all_, all_)
+
+
+def rollout_latents(world: World, worlds: int, frames: int, seed: int, device, dtype,
+                    starts: np.ndarray | None = None) -> Tensor:
+    """Latents (worlds * frames, C, h, w) float32 on the CPU: the world's student under random held actions,
+    world i from start context starts[i % len(starts)] (default: all of the world's)."""
     rng = np.random.default_rng(seed)
     gen = world.generator(worlds, device=device, dtype=dtype)
-    starts = np.arange(worlds) % world.num_starts
+    pick = np.arange(world.num_starts) if starts is None else np.asarray(starts)
+    starts = pick[np.arange(worlds) % len(pick)]
     noise = [torch.Generator(device).manual_seed(int(rng.integers(2**62))) for _ in range(worlds)]
     gen.reset(torch.from_numpy(world.start_latents[starts]), torch.from_numpy(world.start_deltas[starts]),
               generator=noise, latents=True)
@@ -103,12 +115,20 @@ def decode_to_frames(ae: Autoencoder, z: Tensor, device, dtype, chunk: int = 64)
 
 
 def make_pools(world: World, cfg: DistillConfig, device, dtype, teacher: Autoencoder) -> dict[str, Tensor]:
-    pools = {}
-    for name, worlds, seed in (("train", cfg.worlds, cfg.seed), ("heldout", cfg.heldout_worlds, cfg.seed + 1)):
-        z = rollout_latents(world, worlds, cfg.frames, seed, device, dtype)
+    pools: dict[str, Any] = {"made_with": pool_key(world, cfg)}
+    train_starts, held_starts = split_starts(world.num_starts)
+    for name, worlds, seed, starts in (("train", cfg.worlds, cfg.seed, train_starts),
+                                       ("heldout", cfg.heldout_worlds, cfg.seed + 1, held_starts)):
+        z = rollout_latents(world, worlds, cfg.frames, seed, device, dtype, starts)
         pools[f"{name}_latents"] = z
         pools[f"{name}_frames"] = decode_to_frames(teacher, z, device, dtype)
     return pools
+
+
+def pool_key(world: World, cfg: DistillConfig) -> dict[str, Any]:
+    """What the pools depend on: a resumed run with another world or other pool settings must not reuse them."""
+    return {"world": str(world.path), "worlds": cfg.worlds, "frames": cfg.frames,
+            "heldout_worlds": cfg.heldout_worlds, "seed": cfg.seed}
 
 
 def student_for(world: World, width: int, teacher: Autoencoder) -> Autoencoder:
@@ -121,8 +141,8 @@ def student_for(world: World, width: int, teacher: Autoencoder) -> Autoencoder:
 def distill_loss(student: Autoencoder, z: Tensor, target: Tensor) -> Tensor:
     """L1 + MSE between the student's frame and the target uint8 frame, both in [-1, 1]; z (B, C, h, w)."""
     pred = student.decode(z)
-    goal = frames_to_float(target).to(pred.dtype)
-    return F.l1_loss(pred.float(), goal.float()) + F.mse_loss(pred.float(), goal.float())
+    goal = frames_to_float(target)  # fp32: uint8 levels stay exact (bf16 rounds them near +-1)
+    return F.l1_loss(pred.float(), goal) + F.mse_loss(pred.float(), goal)
 
 
 @torch.no_grad()
@@ -156,8 +176,7 @@ def train(world: World, out: Path, cfg: DistillConfig, *, device=None, dtype=Non
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     out.mkdir(parents=True, exist_ok=True)
-    _, teacher = world.modules()
-    teacher = teacher.to(device).eval()
+    _, teacher = world.modules()  # stays as the world holds it (CPU fp32); decode_to_frames copies it to the device
     torch.manual_seed(cfg.seed)  # the student's initialisation is part of the run's seed
     student = student_for(world, cfg.width, teacher).to(device)
     opt = torch.optim.AdamW(student.decoder.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -173,6 +192,9 @@ def train(world: World, out: Path, cfg: DistillConfig, *, device=None, dtype=Non
         step, trained_s = int(state["step"]), float(state["trained_s"])
     if pools_path.is_file():
         pools = load_training_state(pools_path)
+        if pools.get("made_with") != pool_key(world, cfg):
+            raise WorldError(f"{pools_path} was made with {pools.get('made_with')}, this run asks for "
+                             f"{pool_key(world, cfg)}; use the same world and pool settings or another --out")
     else:
         pools = make_pools(world, cfg, device, dtype, teacher)
         save_training_state(pools_path, pools)
@@ -215,7 +237,8 @@ def train(world: World, out: Path, cfg: DistillConfig, *, device=None, dtype=Non
     return report
 
 
-def export_world(world: World, out: Path, student_state: dict[str, Tensor], width: int) -> Path:
+def export_world(world: World, out: Path, student_state: dict[str, Tensor], width: int,
+                 report: dict[str, Any] | None = None) -> Path:
     """A copy of `world` whose decoder is the student (no encoder: the student decoder was never paired with one)."""
     dit, teacher = world.modules()
     student = student_for(world, width, teacher)
@@ -223,7 +246,8 @@ def export_world(world: World, out: Path, student_state: dict[str, Tensor], widt
     cfg = dataclasses.replace(world.config, autoencoder=student.cfg)
     starts = {"frames": world.start_frames, "deltas": world.start_deltas, "poses": world.start_poses,
               "latents": world.start_latents}
-    provenance = {**world.provenance, "decoder_distilled_from": {"world": str(world.path), "width": width}}
+    measured = {k: (report or {}).get(k) for k in ("step", "trained_s", "psnr", "ssim", "detail_ratio", "config")}
+    provenance = {**world.provenance, "decoder_distilled_from": {"world": str(world.path), "width": width, **measured}}
     return save_world(out, dit, student.cpu(), cfg, world.pose_stats, world.action_model, starts, provenance,
                       fps=world.fps, encoder=False)
 
@@ -249,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
             world_dir = a.out / "world"
             if world_dir.exists():
                 shutil.rmtree(world_dir)
-            report["exported"] = str(export_world(world, world_dir, state, cfg.width))
+            if report["step"] < cfg.steps:
+                print(f"warning: exporting a decoder stopped at step {report['step']} of {cfg.steps}", file=sys.stderr)
+            report["exported"] = str(export_world(world, world_dir, state, cfg.width, report))
     except WorldError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
