@@ -263,3 +263,17 @@ def test_side_by_side_actions_tour_and_file(tiny_world, tmp_path):
     path.write_text(json.dumps([1, 2, 3]))
     with pytest.raises(SystemExit, match="expected a JSON list"):
         sbs.load_actions(str(path), 5)
+
+
+def test_env_speed_rows_per_path(tiny_world, tmp_path):
+    from benchmarks.env_speed import main, markdown, measure
+
+    rows = [measure(tiny_world, 2, fast, 3, device="cpu", dtype="float32") for fast in ("off", "static")]
+    assert [r["fast"] for r in rows] == ["off", "static"] and [r["fast_taken"] for r in rows] == [False, True]
+    assert all(r["env_steps_per_s"] > 0 and r["latency_ms_median"] > 0 and r["num_envs"] == 2 for r in rows)
+    assert markdown(rows).count("\n| 2 |") == 2
+    out = tmp_path / "env_speed.json"
+    assert main(["--world", str(tiny_world.path), "--device", "cpu", "--dtype", "float32", "--num-envs", "1",
+                 "--paths", "static", "--steps-per-row", "2", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["rows"][0]["fast_taken"] is True
+    assert main(["--world", str(tmp_path / "missing")]) == 2
