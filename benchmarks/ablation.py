@@ -164,8 +164,6 @@ def train(data: Path, run: Path, *, config: Path, plan_path: Path, overrides: li
             summary["stages"][branch(init)] = stage_costs(b, Ledger(b), cfg)["dmd"]
     if (base / "causal_ode").is_dir():
         summary["ode_store"] = ode_store_cost(run)
-    if "causal_cd" in summary["stages"]:
-        summary["cd_batch_size"] = summary["stages"]["causal_cd"]["batch_size"]
     run.mkdir(parents=True, exist_ok=True)
     (run / "ablation_train.json").write_text(json.dumps(summary, indent=2))
     return summary

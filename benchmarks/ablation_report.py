@@ -96,7 +96,7 @@ def claim_cd_cheaper(report: dict) -> str:
     cd, ode, store = st["causal_cd"], st["causal_ode"], train.get("ode_store", {})
     ratio = ode["gpu_seconds"] / max(cd["gpu_seconds"], 1e-9)
     clips, gen_s = store.get("clips", 0), store.get("gen_seconds", float("nan"))
-    cd_clips = cd["steps"] * train.get("cd_batch_size", 0)
+    cd_clips = cd["steps"] * cd.get("batch_size", 0)
     volume = ""
     if clips and cd_clips:
         volume = (f"; Causal ODE regressed on {clips} stored clips, Causal CD saw {cd_clips} fresh ones: generating "

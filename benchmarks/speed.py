@@ -91,6 +91,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _median_after_warm(fn, device: torch.device, reps: int) -> float:
+    """Median seconds of `reps` calls of fn after one unmeasured call (which pays one-off costs: allocator,
+    kernel selection); fn must end with the result on the host."""
+    times = []
+    for _ in range(reps + 1):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[1:])
+
+
 def _best_time(fn, device: torch.device, reps: int) -> float:
     best = float("inf")
     for _ in range(reps):
@@ -158,15 +170,9 @@ def bench_streaming(cfg: RunConfig, dit: WorldDiT, ae: Autoencoder, *, steps: in
     # From uint8 frames (encoder included), and from latents as a packaged world resets (its start contexts are
     # stored encoded; the shipped world has no encoder).
     z_ctx = torch.randn(batch, gen_cfg.context_frames, *gen.latent_shape, generator=torch.Generator().manual_seed(seed))
-    firsts: dict[bool, list[float]] = {False: [], True: []}
-    for _ in range(first_reps + 1):  # the first reset pays one-off costs (allocator, kernel selection): not counted
-        for from_latents in (False, True):
-            _sync(device)
-            t = time.perf_counter()
-            gen.reset(z_ctx if from_latents else frames, deltas, g, latents=from_latents)
-            gen.step(delta).cpu()
-            firsts[from_latents].append(time.perf_counter() - t)
-    first, first_latents = (statistics.median(firsts[k][1:]) for k in (False, True))
+    first, first_latents = (
+        _median_after_warm(lambda: (gen.reset(ctx, deltas, g, latents=lat), gen.step(delta).cpu()), device, first_reps)
+        for ctx, lat in ((frames, False), (z_ctx, True)))
     # Steady state: the window full, as after the first cache_frames frames of any long rollout.
     n = gen_cfg.cache_frames
     z = torch.randn(batch, n, *gen.latent_shape, generator=torch.Generator().manual_seed(seed))
@@ -205,14 +211,7 @@ def bench_teacher(cfg: RunConfig, dit: WorldDiT, ae: Autoencoder, *, batch: int,
     # worldmodel.eval runs it in fp32; other dtypes through autocast (its reset/decode cast to fp32).
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         frames, deltas = _context(cfg, batch, cfg.generator.context_frames, rng)
-        firsts = []
-        for _ in range(first_reps + 1):  # as bench_streaming: one unmeasured reset, then the median
-            _sync(device)
-            t = time.perf_counter()
-            gen.reset(frames, deltas, g)
-            gen.step(delta).cpu()
-            firsts.append(time.perf_counter() - t)
-        first = statistics.median(firsts[1:])
+        first = _median_after_warm(lambda: (gen.reset(frames, deltas, g), gen.step(delta).cpu()), device, first_reps)
         frames, deltas = _context(cfg, batch, window - 1, rng)  # steady: the window always full
         gen.reset(frames, deltas, g)
         times = []

@@ -47,6 +47,7 @@ from worldmodel.inference.world import World, WorldError, default_device, defaul
 from worldmodel.metrics import detail, psnr, ssim
 from worldmodel.models.autoencoder import Autoencoder
 from worldmodel.training.batches import float_to_frames, frames_to_float
+from worldmodel.training.loop import lr_factor, set_lr
 
 Tensor = torch.Tensor
 # Canonical actions (forward, strafe, turn, look) the random player holds: walking, turning, both, strafing.
@@ -104,14 +105,18 @@ def rollout_latents(world: World, worlds: int, frames: int, seed: int, device, d
     return torch.stack(out, 1).flatten(0, 1)
 
 
+def _show(play: Autoencoder, z: Tensor) -> Tensor:
+    """Latents (N, C, h, w) -> uint8 frames (N, H, W, 3) on the CPU through a play copy (autoencoder_on)."""
+    p = next(play.parameters())
+    return float_to_frames(play.decode(z.to(p.device, p.dtype).contiguous(memory_format=torch.channels_last)).float()).cpu()
+
+
 @torch.no_grad()
 def decode_to_frames(ae: Autoencoder, z: Tensor, device, dtype, chunk: int = 64) -> Tensor:
     """Latents (N, C, h, w) -> uint8 frames (N, H, W, 3) on the CPU, as a world's generator shows them: through
     its channels_last copy in the play dtype (on the CPU 2.4x faster than fp32 weights under autocast)."""
     play = autoencoder_on(ae, device, dtype)
-    layout = torch.channels_last
-    return torch.cat([float_to_frames(play.decode(p.to(device, dtype).contiguous(memory_format=layout)).float()).cpu()
-                      for p in z.split(chunk)])
+    return torch.cat([_show(play, part) for part in z.split(chunk)])
 
 
 def make_pools(world: World, cfg: DistillConfig, device, dtype, teacher: Autoencoder) -> dict[str, Tensor]:
@@ -162,7 +167,7 @@ def measure(student: Autoencoder, teacher: Autoencoder, pools: dict[str, Tensor]
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 t = time.perf_counter()
-                float_to_frames(play.decode(zb.contiguous(memory_format=torch.channels_last)).float()).cpu()
+                _show(play, zb)
                 if i >= 3:
                     times.append(time.perf_counter() - t)
             out[f"{name}_decode_ms_b{batch}"] = 1e3 * float(np.median(times))
@@ -210,8 +215,7 @@ def train(world: World, out: Path, cfg: DistillConfig, *, device=None, dtype=Non
         # Each step's batch from its own seed: a resumed run draws what an uninterrupted one would.
         idx = torch.randint(0, len(z_all), (cfg.batch_size,), generator=torch.Generator().manual_seed(
             cfg.seed * 1_000_003 + step))
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+        set_lr({"decoder": opt}, lr_factor(step, cfg.warmup_steps, cfg.steps, "constant", 0.0))  # linear warm-up
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             loss = distill_loss(student, z_all[idx].to(device), f_all[idx].to(device))
         opt.zero_grad(set_to_none=True)
