@@ -88,5 +88,9 @@ def test_kv_cache_errors_name_the_fix():
     with pytest.raises(ValueError, match="sink_frames"):
         KVCache(1, 1, 1, 4, 2, cache_frames=2, sink_frames=2, device="cpu", dtype=torch.float32)
     cache = KVCache(1, 1, 1, 4, 2, cache_frames=3, sink_frames=1, device="cpu", dtype=torch.float32)
-    with pytest.raises(ValueError, match="raise cache_frames"):
+    with pytest.raises(ValueError, match="raise cache_frames"):  # 4 frames into 3 slots
+        cache.append(0, torch.zeros(1, 1, 8, 4), torch.zeros(1, 1, 8, 4))
+    cache.append(0, torch.zeros(1, 1, 6, 4), torch.zeros(1, 1, 6, 4))  # 3 into an empty cache: a prefill fits
+    cache.advance(1)
+    with pytest.raises(ValueError, match="raise cache_frames"):  # 3 after the sink: the ring holds 2
         cache.append(0, torch.zeros(1, 1, 6, 4), torch.zeros(1, 1, 6, 4))

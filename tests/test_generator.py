@@ -181,3 +181,41 @@ def test_autoencoder_shapes_and_latent_scale_round_trip():
         ae.encode(torch.zeros(1, 3, 30, 48))
     with pytest.raises(ValueError, match="positive"):
         ae.set_latent_scale(0.0)
+
+
+@pytest.mark.parametrize("block,T0,sinks,cache_frames", [(1, 4, 1, 6), (1, 9, 1, 6), (2, 5, 0, 6), (3, 3, 1, 6)])
+def test_one_pass_context_prefill_writes_what_block_by_block_writes(block, T0, sinks, cache_frames):
+    """reset() writes the context that fits the window in one block-causal call; the same keys, values and
+    next frames as one call per block (T0 = 9 > 6 frames: the tail goes block by block), context noise included."""
+    dit, ae = make_nets()
+    frames, deltas = context(T0=T0)
+    new = [np.random.default_rng(5 + k).normal(size=(2, block, 5)).astype(np.float32) for k in range(3)]
+
+    def gen_for():
+        gen = make_gen(dit, ae, block_size=block, cache_frames=cache_frames, context_noise=0.1)
+        gen.sink_frames = sinks
+        return gen
+
+    fast = gen_for()
+    fast.reset(frames, deltas, generator=torch.Generator().manual_seed(3))
+    ref = gen_for()  # the former reset: one _write per block
+    with torch.inference_mode():
+        ref.cache = dit.new_cache(2, cache_frames, sinks, "cpu", torch.float32)
+        ref.generator = torch.Generator().manual_seed(3)
+        z, pose = ref.encode(frames), ref._pose(deltas)
+        for i in range(0, T0, block):
+            ref._write(z[:, i : i + block], pose[:, i : i + block])
+    assert fast.cache.frames_written == ref.cache.frames_written == T0
+    for layer in range(dit.cfg.depth):
+        for a, b in zip(fast.cache.visible(layer)[:2], ref.cache.visible(layer)[:2]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for d in new:
+        torch.testing.assert_close(fast.step_block(d, decode=False), ref.step_block(d, decode=False), atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_longer_than_the_window_is_refused_by_the_network():
+    dit, _ = make_nets()
+    cache = dit.new_cache(1, 4, 0, "cpu", torch.float32)
+    x = torch.zeros(1, 5, C, FH // 8, FW // 8)
+    with pytest.raises(ValueError, match="overflows the 4-frame window"):
+        dit.forward_cached(x, torch.zeros(1, 5), torch.zeros(1, 5, 5), cache, write=True, block_size=1)

@@ -125,11 +125,15 @@ class StreamingGenerator:
         return torch.full(shape, s, device=self.device, dtype=torch.float32)
 
     def _write(self, z: Tensor, pose: Tensor) -> None:
-        """Put clean latents z (B, Tb, C, h, w) into the cache at the context noise level."""
-        s = self.context_sigma
+        """Put clean latents z (B, T, C, h, w) into the cache at the context noise level: one block, or several
+        (blocks of block_size from frame 0, a context prefill) in one block-causal call that writes what one
+        call per block would. The context noise is drawn block by block, in the order the blocks have."""
+        s, bs, T = self.context_sigma, self.block_size, z.shape[1]
         if s > 0:  # the network was trained with context noise of this level: give it the same input
-            z = add_noise(z, self._randn(tuple(z.shape)), s)
-        self.dit.forward_cached(z, self._sigma(s, tuple(z.shape[:2])), pose, self.cache, write=True)
+            noise = [self._randn(tuple(z[:, i : i + bs].shape)) for i in range(0, T, bs)]
+            z = add_noise(z, noise[0] if len(noise) == 1 else torch.cat(noise, dim=1), s)
+        self.dit.forward_cached(z, self._sigma(s, tuple(z.shape[:2])), pose, self.cache, write=True,
+                                block_size=bs if T > bs else None)
 
     def encode(self, frames) -> Tensor:
         """uint8 (B, T, H, W, 3) -> latents (B, T, C, h, w) in the compute dtype."""
@@ -152,7 +156,9 @@ class StreamingGenerator:
         """Start B worlds from ground-truth frames uint8 (B, T0, H, W, 3) and raw deltas (B, T0, 5).
 
         latents=True: context_frames are already latents (B, T0, C, h, w) (no autoencoder needed).
-        The context is written block by block (block_size frames, from frame 0), as in training.
+        The context is written in blocks of block_size frames from frame 0, as in training: the frames that fit
+        the window in one block-causal call (same keys and values as one call per block, one network pass
+        instead of T0 / block_size), any later ones block by block.
         """
         z = self._tensor(context_frames, self.dtype) if latents else self.encode(context_frames)
         pose = self._pose(context_deltas)
@@ -163,8 +169,12 @@ class StreamingGenerator:
             self.cache = self.dit.new_cache(B, self.cache_frames, self.sink_frames, self.device, self.dtype)
         self.cache.reset()
         self.generator = generator
-        for i in range(0, T0, self.block_size):
-            self._write(z[:, i : i + self.block_size], pose[:, i : i + self.block_size])
+        bs = self.block_size
+        span = min(T0, self.cache_frames // bs * bs)  # whole blocks that fit the empty window
+        if span:
+            self._write(z[:, :span], pose[:, :span])
+        for i in range(span, T0, bs):
+            self._write(z[:, i : i + bs], pose[:, i : i + bs])
         self._first = True
         self._queue = []
 

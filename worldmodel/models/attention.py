@@ -172,12 +172,13 @@ class KVCache:
         return k, v, torch.arange(self.frames_visible, device=self.device)
 
     def append(self, layer: int, k: Tensor, v: Tensor) -> None:
-        """Write one block's un-rotated k, v: (B, heads, Tb*N, hd), Tb <= ring_frames."""
+        """Write one block's un-rotated k, v: (B, heads, Tb*N, hd); the block's frames after the sinks must fit
+        the ring (Tb <= ring_frames, or up to cache_frames into an empty cache: a context prefill)."""
         n_tok = k.shape[2]
         if n_tok % self.tokens_per_frame:
             raise ValueError(f"KVCache.append got {n_tok} tokens, not a multiple of {self.tokens_per_frame}")
         tb = n_tok // self.tokens_per_frame
-        if tb > self.ring_frames:
+        if tb - max(0, min(tb, self.sink_frames - self.frames_written)) > self.ring_frames:
             raise ValueError(
                 f"KVCache: a block of {tb} frames does not fit the ring of {self.ring_frames} frames "
                 f"(cache_frames - sink_frames); raise cache_frames"

@@ -319,17 +319,29 @@ class WorldDiT(nn.Module):
         *,
         write: bool,
         pose_keep: Tensor | None = None,
+        block_size: int | None = None,
     ) -> Tensor:
         """One block x (B, Tb, C, h, w) attending to the cache's frames and (fully) to itself -> v.
 
         Positions: cached frames 0..n-1 (window-relative), the block n..n+Tb-1. write=True appends the
         block's un-rotated keys and values and advances the cache by Tb frames; the block's last frame
         becomes the previous frame of the next block (prev_frame_input).
+        block_size: x holds several blocks of this many frames (a context prefill, the window not overflowing):
+        each attends to the cache, to its own block and to the earlier blocks of x (block_causal_mask), so one
+        call writes the same keys and values as one call per block.
         """
         Tb = x.shape[1]
         if x.shape[0] != cache.batch_size:
             raise ValueError(f"forward_cached: batch {x.shape[0]} != cache batch {cache.batch_size}; make a new cache")
         n = cache.frames_visible
+        if block_size is not None and n + Tb > cache.cache_frames:
+            raise ValueError(f"forward_cached: a prefill of {Tb} frames after {n} overflows the {cache.cache_frames}-frame "
+                             "window; write the rest block by block")
+        mask = None
+        if block_size is not None and Tb > block_size:
+            L = Tb * self.tokens_per_frame
+            inner = block_causal_mask(Tb, self.tokens_per_frame, block_size, x.device)
+            mask = torch.cat([inner.new_ones(L, n * self.tokens_per_frame), inner], dim=1)
         cos, sin = self.rope.table(n + Tb, self.patch_embed.weight.dtype, x.device)
         split = n * self.tokens_per_frame
         cos_q, sin_q = cos[split:], sin[split:]
@@ -363,7 +375,7 @@ class WorldDiT(nn.Module):
                     ks, vs = cache.visible_parts(layer)  # views in temporal order: one cat, one rotation
                     k_all = apply_rope(torch.cat([t.to(k.dtype) for t in ks] + [k], dim=2), cos, sin)
                     v_all = torch.cat([t.to(v.dtype) for t in vs] + [v], dim=2)
-                out = attention(apply_rope(q, cos_q, sin_q), k_all, v_all)
+                out = attention(apply_rope(q, cos_q, sin_q), k_all, v_all, mask)
                 if write:
                     cache.append(layer, k, v)
                 return out
