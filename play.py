@@ -246,8 +246,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="world directory (default: the weights shipped in worldmodel/weights/)")
     p.add_argument("--steps", type=int, choices=(1, 2, 4), default=None, help="denoising steps per frame")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
-    p.add_argument("--fast", default=None, choices=("off", "static", "graph"),
-                   help="generator step path (default: CUDA graphs on a GPU, the static step on the CPU; off = eager)")
+    p.add_argument("--fast", default=None, choices=("off", "static", "graph", "compile"),
+                   help="generator step path (default: CUDA graphs on a GPU, the static step on the CPU; off = eager; "
+                        "compile = the static step through torch.compile: fastest, but compiles for ~1-2 min on "
+                        "a 2-core CPU when the window first fills)")
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float32", "float16"),
                    help="compute dtype (default: bf16 on GPUs and AMX/AVX512-BF16 CPUs, else float32)")
     p.add_argument("--seed", type=int, default=0, help="seeds the start context and the generator's noise")

@@ -21,8 +21,10 @@ rows of one size use the same weights in the same run, so their ratios hold.
 Paths of the frame-wise samplers (--paths; --graphs = all three): "eager" = StreamingGenerator.step as
 it is; "static" = its steady-state frames through worldmodel.inference.graphed.StaticFrameStep run eagerly
 (fewer, fused ops on static buffers); "graph" = the same step captured as a CUDA graph (CUDA only; on other
-devices these rows are skipped, being the static rows). The capture happens in the warm-up calls and is
-reported apart (capture_ms). Chunk-wise and teacher rows are eager only.
+devices these rows are skipped, being the static rows); "compile" = the static step through torch.compile
+(captured as a CUDA graph on CUDA; Inductor's C++ on the CPU). The capture (and compilation) happens in the
+warm-up calls and is reported apart (capture_ms; build_call_ms = the whole call that built the step).
+Chunk-wise and teacher rows are eager only.
 
 Weights are random (speed does not depend on the values; the zero-initialised adaLN gates are filled
 so that every path carries non-trivial numbers). Other processes on the machine slow it down: the load
@@ -61,7 +63,7 @@ SAMPLERS: dict[str, tuple[int, int] | None] = {
     "frame-1": (1, 1), "frame-2": (2, 1), "frame-4": (4, 1), "chunk3-4": (4, 3), "teacher": None,
 }
 # path -> StreamingGenerator(fast=...)
-PATHS = {"eager": "off", "static": "static", "graph": "graph"}
+PATHS = {"eager": "off", "static": "static", "graph": "graph", "compile": "compile"}
 POSE_STATS = {"mean": [0.0] * 5, "std": [1.0] * 5}
 NOTE = "random weights: speed does not depend on the weight values"
 # Since 2026-12-02; earlier reports (no such field) timed one cold reset with generator.first_frame_steps (4).
@@ -177,22 +179,23 @@ def bench_streaming(cfg: RunConfig, dit: WorldDiT, ae: Autoencoder, *, steps: in
     n = gen_cfg.cache_frames
     z = torch.randn(batch, n, *gen.latent_shape, generator=torch.Generator().manual_seed(seed))
     gen.reset(z, torch.zeros(batch, n, 5), g, latents=True)
-    times = []
-    warm = 2 if path == "eager" else 3  # the 1st is the first block; a fast path builds (captures) in the 2nd
+    times, warm_times = [], []
+    warm = 2 if path == "eager" else 3  # the 1st is the first block; a fast path builds (captures, compiles) in the 2nd
     for i in range(calls + warm):
         _sync(device)
         t = time.perf_counter()
         for _ in range(block_size):  # the product's API: one step() per displayed frame
             gen.step(delta).cpu()
-        if i >= warm:
-            times.append(time.perf_counter() - t)
+        (times if i >= warm else warm_times).append(time.perf_counter() - t)
     extra: dict[str, Any] = {}
     if path != "eager":
         fs = gen._frame_step
         if fs is None or not gen.fast_ready():
             raise RuntimeError(f"speed: the {path} path was never taken (block_size {block_size}, window not full?)")
         extra = {"graphed": bool(fs.graphs and fs._captured.get(True) is not None),
-                 "capture_ms": 1e3 * fs.capture_s.get(True, 0.0), "capture_error": fs.capture_error}
+                 "capture_ms": 1e3 * fs.capture_s.get(True, 0.0), "capture_error": fs.capture_error,
+                 "compiled": bool(fs.compiled and fs.compile_error is None), "compile_error": fs.compile_error,
+                 "build_call_ms": 1e3 * warm_times[1]}  # the call that built the step (capture, compile included)
     z1 = torch.randn(batch, 1, *gen.latent_shape, device=device, dtype=dtype)
     decode = _best_time(lambda: gen.decode(z1).cpu(), device, 3)
     return {"first_frame_ms": 1e3 * first, "first_frame_latents_ms": 1e3 * first_latents, **_summary(times),
@@ -300,14 +303,20 @@ def markdown(report: dict[str, Any]) -> str:
              f"Roofline: {report['peak_flops'] / 1e9:.0f} GFLOP/s, {report['bandwidth'] / 1e9:.1f} GB/s; "
              f"load average at start {load}; decoder {report.get('decoder_layout', 'channels_last')}.", "",
              "| DiT (M params) | decoder width | sampler | B | first frame ms (from latents) | step ms median | p90 | frames/s | "
-             "GFLOP/frame | floor ms | x floor | decode ms | load | capture ms |",
+             "GFLOP/frame | floor ms | x floor | decode ms | load | capture (compile) ms |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         sampler = r["sampler"] + (f" ({r['frames_per_call']} fr/step)" if r["frames_per_call"] > 1 else "")
         if r.get("path", "eager") != "eager":
-            sampler += f" {r['path']}" + ("" if r["path"] != "graph" or r.get("graphed") else " (capture FAILED: eager)")
+            sampler += f" {r['path']}"
+            if r["path"] == "graph" and not r.get("graphed"):
+                sampler += " (capture FAILED: eager)"
+            if r["path"] == "compile" and not r.get("compiled"):
+                sampler += " (compile FAILED: static)"
         decode = f"{r['decode_ms']:.1f}" if "decode_ms" in r else "-"
-        capture = f"{r['capture_ms']:.0f}" if r.get("graphed") else "-"
+        capture = f"{r['capture_ms']:.0f}" if r.get("graphed") and r["path"] == "graph" else "-"
+        if r.get("path") == "compile" and "build_call_ms" in r:
+            capture = f"{r['build_call_ms']:.0f}"
         first = f"{r['first_frame_ms']:.0f}" + (f" ({r['first_frame_latents_ms']:.0f})" if "first_frame_latents_ms" in r else "")
         lines.append(f"| {r['dit']} ({r['dit_params_m']:.1f}) | {r['decoder_width']} | {sampler} | {r['batch']} | "
                      f"{first} | {r['step_median_ms']:.1f} | {r['step_p90_ms']:.1f} | {r['fps']:.1f} | "
@@ -354,7 +363,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  decoder_widths=a.decoder_widths or [None], samplers=a.samplers, batches=batches,
                  teacher_batches=teacher_batches, frames=a.frames, teacher_frames=a.teacher_frames,
                  peak_flops=a.peak_flops, bandwidth=a.bandwidth, seed=a.seed,
-                 paths=a.paths or (list(PATHS) if a.graphs else ["eager"]),
+                 paths=a.paths or (["eager", "static", "graph"] if a.graphs else ["eager"]),
                  channels_last=a.decoder_layout == "channels_last")
     report["command"] = "python -m benchmarks.speed " + " ".join(argv if argv is not None else sys.argv[1:])
     write_report(a.out, report, markdown(report))

@@ -76,7 +76,8 @@ class WorldModelEnv(gymnasium.Env):
     `action_type`, `pitch`, `max_episode_steps` (None: the TimeLimit wrapper of `gymnasium.make` ends episodes),
     `report_latency`, `collision` (a fitted `envs/collision.py` gate, path or module: the frame shown scales
     the action model's forward/strafe, so the camera stops at walls it sees; default None: no walls), `fast`
-    (the generator's steady-state path: "off" = eager, "static", "graph" = CUDA graphs; default None = graph on
+    (the generator's steady-state path: "off" = eager, "static", "graph" = CUDA graphs, "compile" = torch.compile
+    (and CUDA graphs on CUDA; compiles once, for minutes on a small CPU); default None = graph on
     CUDA, static elsewhere, `worldmodel.inference.world.default_fast`). On CUDA the first frame after the window
     fills also captures the graph (tens of ms, once), which `latency_ms` includes.
 

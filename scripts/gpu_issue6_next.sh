@@ -1,38 +1,41 @@
 #!/usr/bin/env bash
-# What is left of issue 6, in one GPU call (docs/GPU_RUN_PLAN.md, last section); written 2026-12-02 and run on the
-# CPU only, as a dry run:
-#   DEVICE=cpu BUDGET=20 WORLDS=4 FRAMES=4 SPEED_PATHS=static SPEED_BATCHES=1 ENV_PATHS="off static" ENV_BATCHES=1 \
-#   ENV_STEPS=5 bash scripts/gpu_issue6_next.sh
-#   bash scripts/gpu_issue6_next.sh          (device tool, repo root; nothing to carry: the shipped world is in the tree)
-# 1. the speed ceiling of a 32-wide decoder (random weights) next to the shipped 48, graph path, B = 1, 64, 256;
-# 2. the vector env's steps/s, eager against its default (graph) path, B = 64, 256;
-# 3. decoder distillation to width 32 from the shipped world (time-budgeted), exported as a world (3 MB of decoder).
-# $OUT gets speed_decoder32.{json,md}, env_speed.{json,md}, decoder_distill.json, decoder32_world.tar.gz (world.json,
-# decoder.*, no student: re-attach to worldmodel/weights), log.txt; prints a summary last.
+# What is left of issue 6's speed part, in one GPU call (docs/GPU_RUN_PLAN.md, last section). Rewritten 2026-12-02
+# after the width-32 decoder shipped (its distillation was this script's step 3 before; see benchmarks/RESULTS.md):
+#   bash scripts/gpu_issue6_next.sh          (device tool, repo root; carry .carry for gymnasium: the env rows)
+# Dry run on the CPU:
+#   DEVICE=cpu SPEED_PATHS=compile SPEED_BATCHES=1 FIRST_BATCHES=1 ENV_PATHS="off static" ENV_BATCHES=1 ENV_STEPS=5 \
+#   FRAMES=3 TESTS=0 bash scripts/gpu_issue6_next.sh
+# 1. the CUDA tests of tests/test_graphed.py (graph and compile against eager, fp32 and bf16);
+# 2. frame-2 and frame-1 with the shipped decoder (width 32): graph against compile, B = 1, 64, 256;
+# 3. first-frame latency, frame-2 against chunk3-4, B = 1, 64, 256 (reset writes the context in one pass now);
+# 4. the vector env's steps/s, eager against the default (graph), B = 64, 256.
+# $OUT gets speed_compile.{json,md}, speed_first.{json,md}, env_speed.{json,md}, tests.txt, log.txt.
 set -uo pipefail
-OUT=${OUT:-/tmp/out} DEVICE=${DEVICE:-cuda} PY=${PY:-python3}
-BUDGET=${BUDGET:-300} WORLDS=${WORLDS:-256} FRAMES=${FRAMES:-200}
-SPEED_PATHS=${SPEED_PATHS:-graph} SPEED_BATCHES=${SPEED_BATCHES:-1 64 256}
+OUT=${OUT:-/tmp/out} DEVICE=${DEVICE:-cuda} PY=${PY:-python3} FRAMES=${FRAMES:-30} TESTS=${TESTS:-1}
+SPEED_PATHS=${SPEED_PATHS:-graph compile} SPEED_BATCHES=${SPEED_BATCHES:-1 64 256} FIRST_BATCHES=${FIRST_BATCHES:-1 64 256}
 ENV_PATHS=${ENV_PATHS:-off graph} ENV_BATCHES=${ENV_BATCHES:-64 256} ENV_STEPS=${ENV_STEPS:-100}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD TQDM_DISABLE=1
+export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+if [ -f .carry/site.tar.xz ]; then  # gymnasium (and vizdoom) for the env rows
+  mkdir -p /tmp/site && tar -xJf .carry/site.tar.xz -C /tmp/site && export PYTHONPATH=$PWD:/tmp/site
+else
+  export PYTHONPATH=$PWD
+fi
 LOG=$OUT/log.txt
 : >"$LOG"
-echo "== 1. decoder width 48 vs 32, frame-2, graph"
-timeout 120 $PY -m benchmarks.speed --device "$DEVICE" --dtype bf16 --samplers frame-2 --paths $SPEED_PATHS --batches $SPEED_BATCHES \
-  --decoder-widths 48 32 --decoder-layout contiguous --frames 20 --out "$OUT/speed_decoder32.json" >>"$LOG" 2>&1 \
-  || echo "speed failed (log.txt)"
-echo "== 2. vector env steps/s, off vs graph"
-timeout 150 $PY -m benchmarks.env_speed --device "$DEVICE" --num-envs $ENV_BATCHES --paths $ENV_PATHS --steps-per-row $ENV_STEPS \
-  --out "$OUT/env_speed.json" >>"$LOG" 2>&1 || echo "env_speed failed (log.txt)"
-echo "== 3. decoder distillation, width 32, ${BUDGET}s"
-$PY -m worldmodel.training.decoder_distill --out /tmp/dd --width 32 --worlds "$WORLDS" --frames "$FRAMES" \
-  --heldout-worlds 32 --batch-size 64 --time-budget "$BUDGET" --export-world --device "$DEVICE" --no-progress \
-  >>"$LOG" 2>&1 || echo "distillation stopped (exit $?; 3 = by the budget, as planned)"
-cp /tmp/dd/decoder_distill.json "$OUT/" 2>/dev/null
-[ -d /tmp/dd/world ] && tar -czf "$OUT/decoder32_world.tar.gz" -C /tmp/dd/world world.json decoder.json \
-  $(cd /tmp/dd/world && ls decoder.safetensors* 2>/dev/null)
-cat "$OUT/speed_decoder32.md" 2>/dev/null | tail -8
-cat "$OUT/env_speed.md" 2>/dev/null
-$PY -c "import json,sys; r=json.load(open(sys.argv[1])); print({k: r.get(k) for k in ('step','trained_s','psnr','ssim','detail_ratio','student_decode_ms_b64','teacher_decode_ms_b64')})" \
-  "$OUT/decoder_distill.json" 2>/dev/null
+if [ "$TESTS" = 1 ]; then
+  echo "== 1. CUDA tests of test_graphed.py"
+  timeout 300 $PY -m pytest -q -p no:cacheprovider tests/test_graphed.py -k "cuda" >"$OUT/tests.txt" 2>&1; tail -2 "$OUT/tests.txt"
+fi
+echo "== 2. graph vs compile, decoder width 32"
+timeout 330 $PY -m benchmarks.speed --device "$DEVICE" --dtype bf16 --samplers frame-2 frame-1 --paths $SPEED_PATHS \
+  --batches $SPEED_BATCHES --decoder-widths 32 --decoder-layout contiguous --frames "$FRAMES" \
+  --out "$OUT/speed_compile.json" >>"$LOG" 2>&1 || echo "speed (compile) failed or timed out (log.txt)"
+echo "== 3. first frame, frame-2 vs chunk3-4"
+timeout 150 $PY -m benchmarks.speed --device "$DEVICE" --dtype bf16 --samplers frame-2 chunk3-4 --paths eager \
+  --batches $FIRST_BATCHES --decoder-widths 32 --decoder-layout contiguous --frames 10 \
+  --out "$OUT/speed_first.json" >>"$LOG" 2>&1 || echo "speed (first frame) failed (log.txt)"
+echo "== 4. vector env steps/s"
+timeout 150 $PY -m benchmarks.env_speed --device "$DEVICE" --num-envs $ENV_BATCHES --paths $ENV_PATHS \
+  --steps-per-row $ENV_STEPS --out "$OUT/env_speed.json" >>"$LOG" 2>&1 || echo "env_speed failed (log.txt)"
+for f in speed_compile speed_first env_speed; do tail -n +3 "$OUT/$f.md" 2>/dev/null; done

@@ -192,14 +192,41 @@ def test_clear_errors():
         make_gen(nets, "graphs")
 
 
+def test_compiled_step_gives_the_eager_frames_and_frees_itself():
+    """fast="compile": the static step through torch.compile (Inductor's C++ on the CPU), with and without the
+    decode, over ring wraps with a sink and context noise; dropping the generator frees the step."""
+    import gc
+    import weakref
+
+    nets = make_nets()
+    eager, compiled = (make_gen(nets, f, sink=1, context_noise=0.1) for f in ("off", "compile"))
+    frames, ctx = context(2)
+    for gen in (eager, compiled):
+        gen.reset(frames, ctx, generator=torch.Generator().manual_seed(3))
+    for k, d in enumerate(deltas(2, 10)):
+        decode = k % 2 == 0
+        a, b = eager.step(d, decode=decode), compiled.step(d, decode=decode)
+        if decode:
+            assert (a.int() - b.int()).abs().max() <= 1, k
+        else:
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    step = compiled.frame_step()
+    assert step.compiled and step.compile_error is None and step._compiled_for == {True, False}
+    ref = weakref.ref(step)
+    del compiled, step, gen
+    gc.collect()
+    assert ref() is None
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (scripts/gpu_speed_graphs.sh)")
 
 
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graph_gives_the_eager_frames(dtype):
+@pytest.mark.parametrize("fast", ["graph", "compile"])
+def test_cuda_graph_gives_the_eager_frames(dtype, fast):
     nets = make_nets()
-    eager, graphed = (make_gen(nets, f, sink=1, context_noise=0.1, dtype=dtype, device="cuda") for f in ("off", "graph"))
+    eager, graphed = (make_gen(nets, f, sink=1, context_noise=0.1, dtype=dtype, device="cuda") for f in ("off", fast))
     frames, ctx = context(2)
     for gen in (eager, graphed):
         gen.reset(frames, ctx, generator=torch.Generator("cuda").manual_seed(7))
@@ -212,7 +239,7 @@ def test_cuda_graph_gives_the_eager_frames(dtype):
             scale = a.float().abs().max()
             assert (a.float() - b.float()).abs().max() <= (1e-4 if dtype == torch.float32 else 0.05) * scale, k
     step = graphed.frame_step()
-    assert step.graphs and step.capture_error is None
+    assert step.graphs and step.capture_error is None and step.compile_error is None
     assert step._captured[True] is not None and step._captured[False] is not None
 
 

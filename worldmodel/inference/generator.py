@@ -6,8 +6,9 @@ the network once on the clean block at sigma = context_noise_inference with writ
 and values enter the cache (a ring with sink frames: bounded memory for any rollout length); decode.
 
 Once the window is full, a frame-wise generator may hand its steady-state frames to
-worldmodel.inference.graphed.StaticFrameStep (`fast="static"`, or `fast="graph"` for CUDA graphs on CUDA):
-the same frames for the same noise, on static buffers that share this generator's cache.
+worldmodel.inference.graphed.StaticFrameStep (`fast="static"`, `fast="graph"` for CUDA graphs on CUDA, or
+`fast="compile"` through torch.compile): the same frames for the same noise, on static buffers that share this
+generator's cache.
 """
 
 from __future__ import annotations
@@ -57,13 +58,15 @@ class StreamingGenerator:
 
     dtype: the networks' compute dtype. bf16 helps on GPUs and on CPUs with AMX / AVX512-BF16; on CPUs
     without them (e.g. AVX2-only) bf16 convolutions are ~100x slower than fp32: measure.
-    fast: "off" (default), "static" or "graph": with block_size 1, frames made once the window is full go
-    through worldmodel.inference.graphed.StaticFrameStep, eagerly ("static") or as a CUDA graph ("graph",
-    on CUDA; eager elsewhere). Same frames for the same noise; first frames and chunk-wise blocks as before.
+    fast: "off" (default), "static", "graph" or "compile": with block_size 1, frames made once the window is
+    full go through worldmodel.inference.graphed.StaticFrameStep, eagerly ("static"), as a CUDA graph ("graph",
+    on CUDA; eager elsewhere) or through torch.compile ("compile", and as a CUDA graph on CUDA; it compiles
+    when the window first fills, ~1-2 min on a 2-core CPU). Same frames for the same noise (to rounding);
+    first frames and chunk-wise blocks as before.
     channels_last: the decoder's memory format (channels_last, or contiguous NCHW).
     """
 
-    FAST_PATHS = ("off", "static", "graph")
+    FAST_PATHS = ("off", "static", "graph", "compile")
 
     def __init__(
         self,
@@ -210,12 +213,13 @@ class StreamingGenerator:
         a new cache (another batch size)."""
         from worldmodel.inference.graphed import StaticFrameStep  # imports this module: import here
 
-        graphs = self.fast == "graph" and self.device.type == "cuda"
+        graphs = self.fast in ("graph", "compile") and self.device.type == "cuda"
+        compiled = self.fast == "compile"
         old = self._frame_step
-        if old is None or old.cache is not self.cache or old.graphs != graphs or old.sigmas != list(self.sigmas) \
-                or old.context_sigma != self.context_sigma:
+        if old is None or old.cache is not self.cache or old.graphs != graphs or old.compiled != compiled \
+                or old.sigmas != list(self.sigmas) or old.context_sigma != self.context_sigma:
             self._frame_step = old = None  # free the old one's buffers and graphs first
-            self._frame_step = StaticFrameStep(self, graphs=graphs)
+            self._frame_step = StaticFrameStep(self, graphs=graphs, compiled=compiled)
         return self._frame_step
 
     @torch.inference_mode()

@@ -20,6 +20,10 @@ benchmarks/RESULTS.md). Here the same step is written so that nothing in it depe
 - On CUDA the step is captured once per (batch, steps, decode) after a warm-up on a side stream and then
   replayed; the warm-up's writes into the cache are undone. If capture fails, a warning is printed and the
   same step runs eagerly. On the CPU (or graphs=False) the same code always runs eagerly.
+- compiled=True runs the step through torch.compile (Inductor: elementwise chains fused into few kernels, on
+  the CPU into few C++ loops), captured as a CUDA graph on CUDA as above. Compiling takes its time once per
+  step object and batch (on a 2-core CPU ~1-2 min for the shipped world; Inductor keeps its results on disk, so
+  a later process compiles faster); if it fails, a warning is printed and the step runs uncompiled.
 
 Numerics: the operations of WorldDiT.forward_cached and the sampler, regrouped (fused multiply-adds, keys
 in slot order), so results agree to rounding: ~1e-6 in fp32 (tests/test_graphed.py), bf16 rounding in
@@ -66,10 +70,11 @@ class StaticFrameStep:
     Build it from a StreamingGenerator that has been reset and whose window is full; then
     `step(deltas (B, 5) raw, decode=True)` -> uint8 (B, H, W, 3) (latents (B, C, h, w) with decode=False),
     the same frame as gen.step with the same noise. StreamingGenerator(fast="static" | "graph") does this by
-    itself once the window is full. graphs: capture CUDA graphs (default: on CUDA).
+    itself once the window is full. graphs: capture CUDA graphs (default: on CUDA); compiled: through
+    torch.compile (StreamingGenerator fast="compile").
     """
 
-    def __init__(self, gen: StreamingGenerator, *, graphs: bool | None = None) -> None:
+    def __init__(self, gen: StreamingGenerator, *, graphs: bool | None = None, compiled: bool = False) -> None:
         cache, dit = gen.cache, gen.dit
         if gen.block_size != 1:
             raise ValueError(f"StaticFrameStep is frame-wise only: generator.block_size is {gen.block_size}, needs 1")
@@ -119,6 +124,10 @@ class StaticFrameStep:
         if dev.type == "cuda":  # pose deltas from the host go through a pinned buffer (async upload)
             self._pinned = torch.zeros((B, cfg.pose_dim), dtype=torch.float32, pin_memory=True)
             self._uploaded = torch.cuda.Event()
+        self.compiled, self.compile_error = bool(compiled), None
+        # The function, not the bound method: no reference from the step to itself (dropping it frees it at once).
+        self._compiled_run = torch.compile(type(self)._run, dynamic=False) if compiled else None
+        self._compiled_for: set[bool] = set()  # decode values compiled (and run) once
         self._captured: dict[bool, tuple[torch.cuda.CUDAGraph, Tensor] | None] = {}
         self.capture_s: dict[bool, float] = {}
         self.capture_error: str | None = None
@@ -221,13 +230,33 @@ class StaticFrameStep:
             raise RuntimeError("StaticFrameStep: the generator has no autoencoder; call with decode=False")
         self._follow_cache()
         self._set_inputs(deltas)
-        out = self._replay(decode) if self.graphs else self._run(decode)
+        out = self._replay(decode) if self.graphs else self._frame(decode)
         self.cache.advance(1)  # host bookkeeping only: the device already wrote the slot
         self.cache.last_frame = self.prev
         self._written = self.cache.frames_written
         return out
 
     __call__ = step
+
+    def _frame(self, decode: bool) -> Tensor:
+        """_run, compiled when asked for (and compiling worked)."""
+        if self._compiled_run is None:
+            return self._run(decode)
+        if decode in self._compiled_for:
+            return self._compiled_run(self, decode)
+        saved = [t.clone() for t in self._state()]  # the first call compiles: keep what a failure must restore
+        try:
+            out = self._compiled_run(self, decode)
+            self._compiled_for.add(decode)
+            return out
+        except Exception as e:  # noqa: BLE001  (compilation failed: the same step uncompiled, from the same state)
+            for t, s in zip(self._state(), saved):
+                t.copy_(s)
+            self._compiled_run, self.compile_error = None, f"{type(e).__name__}: {e}"
+            msg = f"StaticFrameStep: torch.compile failed ({self.compile_error}); running the step uncompiled"
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+            print(msg, file=sys.stderr, flush=True)
+            return self._run(decode)
 
     # ----- CUDA graphs -----
 
@@ -236,7 +265,7 @@ class StaticFrameStep:
             self._captured[decode] = self._capture(decode)
         captured = self._captured[decode]
         if captured is None:  # capture failed (warned once): the same step, eagerly
-            return self._run(decode)
+            return self._frame(decode)
         graph, out = captured
         graph.replay()
         return out.clone()
@@ -253,14 +282,14 @@ class StaticFrameStep:
         side.wait_stream(main)
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._run(decode)
+                self._frame(decode)
                 for t, s in zip(self._state(), saved):
                     t.copy_(s)
         main.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, stream=side):
-                out = self._run(decode)
+                out = self._compiled_run(self, decode) if self._compiled_run is not None else self._run(decode)
         except Exception as e:  # noqa: BLE001  (any failure: fall back to the identical eager step)
             torch.cuda.set_stream(main)  # torch.cuda.graph leaves the side stream current when capture_end raises
             torch.cuda.synchronize(self.device)

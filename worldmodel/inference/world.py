@@ -198,7 +198,7 @@ class World:
         fast: str | None = None,
     ) -> BatchedGenerator:
         """A StreamingGenerator (with per-world noise and reset_rows) for `batch_size` worlds; `steps`
-        overrides the shipped denoising steps; fast: "off" | "static" | "graph" (default default_fast(device));
+        overrides the shipped denoising steps; fast: "off" | "static" | "graph" | "compile" (default default_fast(device));
         device default cuda if available, dtype default
         default_dtype(device) (bf16 where the hardware runs it fast, else fp32); a dtype or its name."""
         if batch_size < 1:
