@@ -350,11 +350,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--peak-flops", type=float, default=None, help="FLOP/s for the floor (default: measured matmul)")
     p.add_argument("--bandwidth", type=float, default=None, help="bytes/s for the floor (default: measured copy)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="torch.backends.cudnn.benchmark = True: cuDNN times its convolution algorithms for each new shape "
+                        "(the decoder's) and keeps the fastest")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results.json", help="JSON report; the markdown table is written beside it (.md)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    torch.backends.cudnn.benchmark = a.cudnn_benchmark
     device = torch.device(a.device)
     dtype = resolve_dtype(a.dtype) or default_dtype(device)
     batches = a.batches or ([1, 8, 64, 256] if device.type == "cuda" else [1, 8])
@@ -365,6 +369,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  peak_flops=a.peak_flops, bandwidth=a.bandwidth, seed=a.seed,
                  paths=a.paths or (["eager", "static", "graph"] if a.graphs else ["eager"]),
                  channels_last=a.decoder_layout == "channels_last")
+    report["cudnn_benchmark"] = a.cudnn_benchmark
     report["command"] = "python -m benchmarks.speed " + " ".join(argv if argv is not None else sys.argv[1:])
     write_report(a.out, report, markdown(report))
     return report
