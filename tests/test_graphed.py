@@ -4,6 +4,8 @@ previous-frame input, for B = 1 and B > 1, per-world noise and reset_rows; one c
 path; and nothing in the step that a CUDA graph cannot capture (no host reads, no tensors from host data).
 CUDA graph capture itself needs a GPU: scripts/gpu_speed_graphs.sh runs it."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -192,6 +194,8 @@ def test_clear_errors():
         make_gen(nets, "graphs")
 
 
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")),
+                    reason="torch.compile's CPU backend (Inductor) needs a C++ compiler")
 def test_compiled_step_gives_the_eager_frames_and_frees_itself():
     """fast="compile": the static step through torch.compile (Inductor's C++ on the CPU), with and without the
     decode, over ring wraps with a sink and context noise; dropping the generator frees the step."""
