@@ -202,6 +202,11 @@ def test_compiled_step_gives_the_eager_frames_and_frees_itself():
     import gc
     import weakref
 
+    from torch._dynamo.utils import counters
+
+    from worldmodel.inference.graphed import COMPILE_VARIANTS
+
+    counters.clear()
     nets = make_nets()
     eager, compiled = (make_gen(nets, f, sink=1, context_noise=0.1) for f in ("off", "compile"))
     frames, ctx = context(2)
@@ -216,6 +221,8 @@ def test_compiled_step_gives_the_eager_frames_and_frees_itself():
             torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
     step = compiled.frame_step()
     assert step.compiled and step.compile_error is None and step._compiled_for == {True, False}
+    assert not counters["graph_break"], dict(counters["graph_break"])  # one graph per decode value, nothing eager between
+    assert torch._dynamo.config.recompile_limit >= COMPILE_VARIANTS  # later configurations compile too
     ref = weakref.ref(step)
     del compiled, step, gen
     gc.collect()

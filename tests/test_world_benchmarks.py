@@ -277,3 +277,14 @@ def test_env_speed_rows_per_path(tiny_world, tmp_path):
                  "--paths", "static", "--steps-per-row", "2", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["rows"][0]["fast_taken"] is True
     assert main(["--world", str(tmp_path / "missing")]) == 2
+
+
+def test_fast_ab_interleaves_the_paths(tiny_world, tmp_path):
+    from benchmarks.fast_ab import main
+
+    out = tmp_path / "ab.json"
+    report = main(["--world", str(tiny_world.path), "--paths", "off", "static", "--frames", "3", "--out", str(out)])
+    rows = report["rows"]
+    assert [rows[p]["fast_taken"] for p in ("off", "static")] == [False, True]
+    assert all(r["median_ms"] > 0 and r["p90_ms"] >= r["median_ms"] and r["fps"] > 0 for r in rows.values())
+    assert json.loads(out.read_text())["rows"]["static"]["fast_taken"] is True

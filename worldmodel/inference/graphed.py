@@ -21,9 +21,12 @@ benchmarks/RESULTS.md). Here the same step is written so that nothing in it depe
   replayed; the warm-up's writes into the cache are undone. If capture fails, a warning is printed and the
   same step runs eagerly. On the CPU (or graphs=False) the same code always runs eagerly.
 - compiled=True runs the step through torch.compile (Inductor: elementwise chains fused into few kernels, on
-  the CPU into few C++ loops), captured as a CUDA graph on CUDA as above. Compiling takes its time once per
-  step object and batch (on a 2-core CPU ~1-2 min for the shipped world; Inductor keeps its results on disk, so
-  a later process compiles faster); if it fails, a warning is printed and the step runs uncompiled.
+  the CPU into few C++ loops), captured as a CUDA graph on CUDA as above. Every step object compiles the same
+  function, so compiling takes its time once per process and configuration (batch, steps, decode, network
+  shapes): on a 2-core CPU ~1-2 min for the shipped world, on an H200 40-66 s; Inductor keeps its results on
+  disk, so a later process compiles faster. Dynamo's recompile limit is raised to COMPILE_VARIANTS for this (its
+  default, 8, would make later configurations run uncompiled without a word). If compiling fails, a warning is
+  printed and the step runs uncompiled.
 
 Numerics: the operations of WorldDiT.forward_cached and the sampler, regrouped (fused multiply-adds, keys
 in slot order), so results agree to rounding: ~1e-6 in fp32 (tests/test_graphed.py), bf16 rounding in
@@ -52,6 +55,11 @@ if TYPE_CHECKING:
     from worldmodel.inference.generator import StreamingGenerator
 
 Tensor = torch.Tensor
+
+
+# Configurations (batch x steps x decode x network) one process may compile: torch._dynamo's recompile limit is
+# raised to this when a compiled step is built (a benchmark sweep of 3 samplers x 4 batches x decode is 24).
+COMPILE_VARIANTS = 64
 
 
 def _rope_tables(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
@@ -126,7 +134,12 @@ class StaticFrameStep:
             self._uploaded = torch.cuda.Event()
         self.compiled, self.compile_error = bool(compiled), None
         # The function, not the bound method: no reference from the step to itself (dropping it frees it at once).
-        self._compiled_run = torch.compile(type(self)._run, dynamic=False) if compiled else None
+        self._compiled_run = None
+        if compiled:
+            from torch._dynamo import config as dynamo
+            dynamo.recompile_limit = max(dynamo.recompile_limit, COMPILE_VARIANTS)
+            dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4 * COMPILE_VARIANTS)
+            self._compiled_run = torch.compile(type(self)._run, dynamic=False)
         self._compiled_for: set[bool] = set()  # decode values compiled (and run) once
         self._captured: dict[bool, tuple[torch.cuda.CUDAGraph, Tensor] | None] = {}
         self.capture_s: dict[bool, float] = {}
@@ -321,7 +334,10 @@ class StaticFrameStep:
         mods = F.linear(F.silu(c), self.ada_w, self.ada_b)  # (calls, B, L*6D + 2D)
         # The window's keys at this frame's positions, every layer in one pass.
         k_cos, k_sin = self.win_cos.index_select(0, self.phase), self.win_sin.index_select(0, self.phase)
-        torch.addcmul(self.k_ring * k_cos, _swap_halves(self.k_ring), k_sin, out=self.k_att[:, :, :, :W])
+        if torch.compiler.is_compiling():  # out= into a strided view breaks the graph; Inductor fuses this copy
+            self.k_att[:, :, :, :W].copy_(torch.addcmul(self.k_ring * k_cos, _swap_halves(self.k_ring), k_sin))
+        else:
+            torch.addcmul(self.k_ring * k_cos, _swap_halves(self.k_ring), k_sin, out=self.k_att[:, :, :, :W])
         slot = self.slot_tokens.index_select(0, self.phase)[0]  # (N,) tokens of the slot this frame takes
         prev = None
         if self.embed_prev is not None:

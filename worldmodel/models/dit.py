@@ -340,7 +340,9 @@ class WorldDiT(nn.Module):
         mask = None
         if block_size is not None and Tb > block_size:
             L = Tb * self.tokens_per_frame
-            inner = block_causal_mask(Tb, self.tokens_per_frame, block_size, x.device)
+            # Not the memoised mask: made here under inference mode, it would be an inference tensor in the cache
+            # that training's forward(mode="causal") reads.
+            inner = block_causal_mask.__wrapped__(Tb, self.tokens_per_frame, block_size, x.device)
             mask = torch.cat([inner.new_ones(L, n * self.tokens_per_frame), inner], dim=1)
         cos, sin = self.rope.table(n + Tb, self.patch_embed.weight.dtype, x.device)
         split = n * self.tokens_per_frame
