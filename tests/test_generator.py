@@ -219,3 +219,20 @@ def test_prefill_longer_than_the_window_is_refused_by_the_network():
     x = torch.zeros(1, 5, C, FH // 8, FW // 8)
     with pytest.raises(ValueError, match="overflows the 4-frame window"):
         dit.forward_cached(x, torch.zeros(1, 5), torch.zeros(1, 5, 5), cache, write=True, block_size=1)
+
+
+def test_prefill_leaves_no_inference_tensor_in_the_shared_mask_cache():
+    """reset() runs under inference mode; its prefill mask must not land in block_causal_mask's memo, which
+    training's forward(mode="causal") reads with autograd on."""
+    from worldmodel.models.attention import block_causal_mask
+
+    dit, ae = make_nets()
+    gen = make_gen(dit, ae, cache_frames=6)
+    frames, deltas = context(T0=4)
+    block_causal_mask.cache_clear()
+    gen.reset(frames, deltas)
+    mask = block_causal_mask(4, dit.tokens_per_frame, 1, torch.device("cpu"))
+    assert not mask.is_inference()
+    x = torch.randn(1, 4, C, FH // 8, FW // 8, requires_grad=True)
+    dit(x, torch.zeros(1, 4), torch.zeros(1, 4, 5), mode="causal").sum().backward()  # autograd over the memo's mask
+    assert x.grad is not None and x.grad.abs().sum() > 0
