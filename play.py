@@ -246,6 +246,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="world directory (default: the weights shipped in worldmodel/weights/)")
     p.add_argument("--steps", type=int, choices=(1, 2, 4), default=None, help="denoising steps per frame")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    # StreamingGenerator.FAST_PATHS, written out: importing it would load torch before --help (tests/test_play.py).
     p.add_argument("--fast", default=None, choices=("off", "static", "graph", "compile"),
                    help="generator step path (default: CUDA graphs on a GPU, the static step on the CPU; off = eager; "
                         "compile = the static step through torch.compile: fastest, but compiles for ~1-2 min on "

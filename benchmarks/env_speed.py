@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.world_cli import world_parser
+from worldmodel.inference.generator import StreamingGenerator
 from worldmodel.inference.world import World, WorldError
 
 
@@ -63,7 +64,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = world_parser("benchmarks.env_speed", __doc__)
     p.add_argument("--num-envs", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--paths", nargs="+", default=["off", "static"], choices=("off", "static", "graph", "compile"))
+    p.add_argument("--paths", nargs="+", default=["off", "static"], choices=StreamingGenerator.FAST_PATHS)
     p.add_argument("--steps-per-row", type=int, default=50, help="timed env steps per row")
     p.add_argument("--out", type=Path, default=None, help="JSON report (a markdown table beside it)")
     a = p.parse_args(argv)

@@ -26,6 +26,18 @@ from worldmodel.inference.generator import StreamingGenerator
 from worldmodel.inference.world import World
 
 
+def warmed_generator(world: World, batch: int, fast: str, device: str | None = None, frames: int = 20):
+    """world.generator(batch, fast=fast) reset from the world's first start context (latents, seed 0) and stepped
+    `frames` frames, decode included: past the window fill, where a fast path builds (captures, compiles)."""
+    gen = world.generator(batch, device=device, fast=fast)
+    gen.reset(np.repeat(world.start_latents[:1], batch, 0), np.repeat(world.start_deltas[:1], batch, 0),
+              torch.Generator(gen.device).manual_seed(0), latents=True)
+    delta = np.zeros((batch, 5), np.float32)
+    for _ in range(frames):
+        gen.step(delta).cpu()
+    return gen
+
+
 def measure(world: World, paths: list[str], frames: int, batch: int = 1, device: str = "cpu",
             warm_frames: int = 20) -> dict[str, dict[str, float]]:
     """Per path: warm_s (reset + warm_frames frames, building included), median_ms, p90_ms, fps, fast_taken
@@ -33,13 +45,9 @@ def measure(world: World, paths: list[str], frames: int, batch: int = 1, device:
     delta = np.zeros((batch, 5), np.float32)
     gens, rows = {}, {}
     for path in paths:
-        gen = world.generator(batch, device=device, fast=path)
         t = time.perf_counter()
-        gen.reset(np.repeat(world.start_latents[:1], batch, 0), np.repeat(world.start_deltas[:1], batch, 0),
-                  torch.Generator(gen.device).manual_seed(0), latents=True)
-        for _ in range(warm_frames):
-            gen.step(delta).cpu()
-        gens[path], rows[path] = gen, {"warm_s": time.perf_counter() - t}
+        gens[path] = warmed_generator(world, batch, path, device, warm_frames)
+        rows[path] = {"warm_s": time.perf_counter() - t}
     times: dict[str, list[float]] = {p: [] for p in paths}
     for _ in range(frames):
         for path, gen in gens.items():

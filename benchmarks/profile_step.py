@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.fast_ab import warmed_generator
 from worldmodel.inference.world import World
 
 
@@ -29,12 +29,8 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--rows", type=int, default=25, help="kernels printed")
     a = p.parse_args(argv)
     world = World.load(a.world)
-    gen = world.generator(a.batch, device=a.device, fast=a.fast)
-    ctx = np.repeat(world.start_latents[:1], a.batch, axis=0)
-    gen.reset(ctx, np.repeat(world.start_deltas[:1], a.batch, axis=0), latents=True)
+    gen = warmed_generator(world, a.batch, a.fast, a.device)  # window full, fast path built (captured, compiled)
     delta = torch.zeros(a.batch, 5)
-    for _ in range(gen.cache_frames + 3):  # window full, fast path built (captured, compiled)
-        gen.step(delta).cpu()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gen.device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         for _ in range(a.steps):

@@ -32,6 +32,7 @@ import torch
 from benchmarks.ppo import PPOConfig, Policy, Trainer, act, play_episode
 from envs.keymap import ACTION_NAMES
 from worldmodel.checkpoint import load_training_state, save_training_state
+from worldmodel.inference.generator import StreamingGenerator
 
 TASK = "explore"
 TASK_KWARGS = {"cell_size": 64.0}
@@ -357,7 +358,7 @@ def main(argv=None) -> None:
         s.add_argument("--world", default=None, help="world directory (default: the packaged worldmodel/weights/)")
         s.add_argument("--device", default=None, help="torch device of the policy (and the model); default cuda if available")
         s.add_argument("--steps", type=int, choices=(1, 2, 4), default=None, help="world model sampler steps (default: the world's)")
-        s.add_argument("--fast", default=None, choices=("off", "static", "graph", "compile"),
+        s.add_argument("--fast", default=None, choices=StreamingGenerator.FAST_PATHS,
                        help="the world model's step path (default: graph on CUDA, static elsewhere; compile: ~1.4x the "
                             "env steps/s of graph at 256 worlds on an H200, after ~1 min of compiling)")
         s.add_argument("--episode-steps", type=int, default=200)

@@ -129,6 +129,16 @@ def test_help():
     assert out.returncode == 0 and "--record" in out.stdout and "Keys:" in out.stdout and "--compare" in out.stdout
 
 
+def test_fast_takes_every_generator_path():
+    """play.py writes the paths out (no torch before --help): they must stay StreamingGenerator's."""
+    from worldmodel.inference.generator import StreamingGenerator
+
+    for fast in StreamingGenerator.FAST_PATHS:
+        assert play.parse_args(["--fast", fast]).fast == fast
+    with pytest.raises(SystemExit):
+        play.parse_args(["--fast", "fastest"])
+
+
 @pytest.mark.vizdoom
 def test_compare_env_pairs_engine_and_world(tiny_world):
     from data_tools.engine import DoomEngine

@@ -302,7 +302,7 @@ class StaticFrameStep:
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, stream=side):
-                out = self._compiled_run(self, decode) if self._compiled_run is not None else self._run(decode)
+                out = self._frame(decode)  # compiled in the warm-up above (or uncompiled if that failed)
         except Exception as e:  # noqa: BLE001  (any failure: fall back to the identical eager step)
             torch.cuda.set_stream(main)  # torch.cuda.graph leaves the side stream current when capture_end raises
             torch.cuda.synchronize(self.device)

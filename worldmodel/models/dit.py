@@ -337,15 +337,14 @@ class WorldDiT(nn.Module):
         if block_size is not None and n + Tb > cache.cache_frames:
             raise ValueError(f"forward_cached: a prefill of {Tb} frames after {n} overflows the {cache.cache_frames}-frame "
                              "window; write the rest block by block")
+        cos, sin = self.rope.table(n + Tb, self.patch_embed.weight.dtype, x.device)
+        split = n * self.tokens_per_frame
         mask = None
         if block_size is not None and Tb > block_size:
-            L = Tb * self.tokens_per_frame
             # Not the memoised mask: made here under inference mode, it would be an inference tensor in the cache
             # that training's forward(mode="causal") reads.
             inner = block_causal_mask.__wrapped__(Tb, self.tokens_per_frame, block_size, x.device)
-            mask = torch.cat([inner.new_ones(L, n * self.tokens_per_frame), inner], dim=1)
-        cos, sin = self.rope.table(n + Tb, self.patch_embed.weight.dtype, x.device)
-        split = n * self.tokens_per_frame
+            mask = torch.cat([inner.new_ones(inner.shape[0], split), inner], dim=1)
         cos_q, sin_q = cos[split:], sin[split:]
 
         # Without autograd the visible window is rotated once per block into buffers whose tail each
