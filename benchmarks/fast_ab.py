@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from worldmodel.inference.generator import StreamingGenerator
+from worldmodel.inference.host import to_host
 from worldmodel.inference.world import World
 
 
@@ -34,7 +35,7 @@ def warmed_generator(world: World, batch: int, fast: str, device: str | None = N
               torch.Generator(gen.device).manual_seed(0), latents=True)
     delta = np.zeros((batch, 5), np.float32)
     for _ in range(frames):
-        gen.step(delta).cpu()
+        to_host(gen.step(delta))
     return gen
 
 
@@ -52,7 +53,7 @@ def measure(world: World, paths: list[str], frames: int, batch: int = 1, device:
     for _ in range(frames):
         for path, gen in gens.items():
             t = time.perf_counter()
-            gen.step(delta).cpu()
+            to_host(gen.step(delta))
             times[path].append(time.perf_counter() - t)
     for path, ts in times.items():
         ts = sorted(ts)

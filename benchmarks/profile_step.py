@@ -16,6 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.fast_ab import warmed_generator
+from worldmodel.inference.host import to_host
 from worldmodel.inference.world import World
 
 
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> str:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gen.device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         for _ in range(a.steps):
-            gen.step(delta).cpu()
+            to_host(gen.step(delta))
     key = "self_cuda_time_total" if gen.device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=a.rows)
     print(f"{a.steps} frames of {a.batch} worlds, fast={a.fast}, {gen.device}, {gen.dtype}\n{table}")

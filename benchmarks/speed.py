@@ -53,6 +53,7 @@ from worldmodel.config import RunConfig, load_config
 from worldmodel.diffusion.flow import sigma_grid
 from worldmodel.eval import WindowedEulerGenerator, write_report
 from worldmodel.inference.generator import StreamingGenerator
+from worldmodel.inference.host import to_host
 from worldmodel.inference.world import default_dtype, resolve_dtype
 from worldmodel.models.autoencoder import Autoencoder
 from worldmodel.models.dit import DIT_SIZES, WorldDiT
@@ -173,7 +174,7 @@ def bench_streaming(cfg: RunConfig, dit: WorldDiT, ae: Autoencoder, *, steps: in
     # stored encoded; the shipped world has no encoder).
     z_ctx = torch.randn(batch, gen_cfg.context_frames, *gen.latent_shape, generator=torch.Generator().manual_seed(seed))
     first, first_latents = (
-        _median_after_warm(lambda: (gen.reset(ctx, deltas, g, latents=lat), gen.step(delta).cpu()), device, first_reps)
+        _median_after_warm(lambda: (gen.reset(ctx, deltas, g, latents=lat), to_host(gen.step(delta))), device, first_reps)
         for ctx, lat in ((frames, False), (z_ctx, True)))
     # Steady state: the window full, as after the first cache_frames frames of any long rollout.
     n = gen_cfg.cache_frames
@@ -185,7 +186,7 @@ def bench_streaming(cfg: RunConfig, dit: WorldDiT, ae: Autoencoder, *, steps: in
         _sync(device)
         t = time.perf_counter()
         for _ in range(block_size):  # the product's API: one step() per displayed frame
-            gen.step(delta).cpu()
+            to_host(gen.step(delta))
         (times if i >= warm else warm_times).append(time.perf_counter() - t)
     extra: dict[str, Any] = {}
     if path != "eager":
@@ -197,7 +198,7 @@ def bench_streaming(cfg: RunConfig, dit: WorldDiT, ae: Autoencoder, *, steps: in
                  "compiled": bool(fs.compiled and fs.compile_error is None), "compile_error": fs.compile_error,
                  "build_call_ms": 1e3 * warm_times[1]}  # the call that built the step (capture, compile included)
     z1 = torch.randn(batch, 1, *gen.latent_shape, device=device, dtype=dtype)
-    decode = _best_time(lambda: gen.decode(z1).cpu(), device, 3)
+    decode = _best_time(lambda: to_host(gen.decode(z1)), device, 3)
     return {"first_frame_ms": 1e3 * first, "first_frame_latents_ms": 1e3 * first_latents, **_summary(times),
             "decode_ms": 1e3 * decode, **extra}
 
@@ -214,14 +215,14 @@ def bench_teacher(cfg: RunConfig, dit: WorldDiT, ae: Autoencoder, *, batch: int,
     # worldmodel.eval runs it in fp32; other dtypes through autocast (its reset/decode cast to fp32).
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         frames, deltas = _context(cfg, batch, cfg.generator.context_frames, rng)
-        first = _median_after_warm(lambda: (gen.reset(frames, deltas, g), gen.step(delta).cpu()), device, first_reps)
+        first = _median_after_warm(lambda: (gen.reset(frames, deltas, g), to_host(gen.step(delta))), device, first_reps)
         frames, deltas = _context(cfg, batch, window - 1, rng)  # steady: the window always full
         gen.reset(frames, deltas, g)
         times = []
         for i in range(calls + 1):
             _sync(device)
             t = time.perf_counter()
-            gen.step(delta).cpu()
+            to_host(gen.step(delta))
             if i >= 1:
                 times.append(time.perf_counter() - t)
     return {"first_frame_ms": 1e3 * first, **_summary(times)}

@@ -21,6 +21,7 @@ from data_tools.poses import integrate_deltas
 from envs.collision import gate_deltas, load as load_collision
 from envs.keymap import DISCRETE_ACTIONS
 from envs.rewards import RewardFn
+from worldmodel.inference.host import to_host
 from worldmodel.inference.world import World, default_device
 
 ACTION_TYPES = ("keyboard", "camera")
@@ -136,7 +137,7 @@ class WorldBatch:
         if self.collision is not None:
             deltas = gate_deltas(self.collision, self.frames, deltas, self.device)
         t0 = time.perf_counter()
-        frames = self.generator.step(torch.from_numpy(deltas)).cpu().numpy()  # uint8 (N, H, W, 3)
+        frames = to_host(self.generator.step(torch.from_numpy(deltas))).numpy()  # uint8 (N, H, W, 3)
         latency_ms = (time.perf_counter() - t0) * 1000.0
         rewards = np.zeros(self.num, np.float32)
         for row in range(self.num):
