@@ -122,6 +122,7 @@ class StaticFrameStep:
             # Where each layer's new-frame key and value go, as views held here: under torch.compile, views that
             # are inputs of the graph make their writes in-place stores (through one synthetic base); a slice of
             # a slice taken inside it was instead a copy of all of k_att for every layer of every call.
+            self.k_win = self.k_att[:, :, :, :W]
             self.k_new = [self.k_att[i, :, :, W:] for i in range(L)]
             self.v_new = [self.v_all[i, :, :, W:] for i in range(L)]
             cache.adopt_buffers(list(self.k_ring.unbind(0)), self.v_ring)
@@ -139,12 +140,13 @@ class StaticFrameStep:
             self._uploaded = torch.cuda.Event()
         self.compiled, self.compile_error = bool(compiled), None
         # The function, not the bound method: no reference from the step to itself (dropping it frees it at once).
-        self._compiled_run = None
+        self._compiled_run = self._compiled_rotate = None
         if compiled:
             from torch._dynamo import config as dynamo
             dynamo.recompile_limit = max(dynamo.recompile_limit, COMPILE_VARIANTS)
             dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4 * COMPILE_VARIANTS)
             self._compiled_run = torch.compile(type(self)._run, dynamic=False)
+            self._compiled_rotate = torch.compile(type(self)._rotate_window, dynamic=False)
         self._compiled_for: set[bool] = set()  # decode values compiled (and run) once
         self._captured: dict[bool, tuple[torch.cuda.CUDAGraph, Tensor] | None] = {}
         self.capture_s: dict[bool, float] = {}
@@ -257,25 +259,29 @@ class StaticFrameStep:
     __call__ = step
 
     def _frame(self, decode: bool) -> Tensor:
-        """_rotate_window, then _run, compiled when asked for (and compiling worked)."""
-        self._rotate_window()
+        """_rotate_window, then _run, each compiled when asked for (and compiling worked)."""
         if self._compiled_run is None:
+            self._rotate_window()
             return self._run(decode)
         if decode in self._compiled_for:
+            self._compiled_rotate(self)
             return self._compiled_run(self, decode)
         saved = [t.clone() for t in self._state()]  # the first call compiles: keep what a failure must restore
         try:
+            self._compiled_rotate(self)
             out = self._compiled_run(self, decode)
             self._compiled_for.add(decode)
             return out
         except Exception as e:  # noqa: BLE001  (compilation failed: the same step uncompiled, from the same state)
             for t, s in zip(self._state(), saved):
                 t.copy_(s)
-            self._compiled_run, self.compile_error = None, f"{type(e).__name__}: {e}"
+            self._compiled_run = self._compiled_rotate = None
+            self.compile_error = f"{type(e).__name__}: {e}"
             msg = f"StaticFrameStep: torch.compile failed ({self.compile_error}); running the step uncompiled"
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
             print(msg, file=sys.stderr, flush=True)
-            return self._run(decode)  # k_att's window (written by _rotate_window above) is intact
+            self._rotate_window()  # rewrites k_att's window from the ring, which no failed call has changed yet
+            return self._run(decode)
 
     # ----- CUDA graphs -----
 
@@ -334,11 +340,15 @@ class StaticFrameStep:
         return rearrange(tok, "b (hh ww) (c p q) -> b c (hh p) (ww q)", hh=self.latent_shape[1] // self.p, p=self.p, q=self.p)
 
     def _rotate_window(self) -> None:
-        """The window's keys at this frame's positions into k_att, every layer in one pass. Never compiled: in
-        the graph that also writes the new frame's keys into k_att, Inductor then copies all of k_att for every
-        layer of every call (~5 ms of a 20 ms frame at batch 256 on an H200), instead of writing the slot in place."""
+        """The window's keys at this frame's positions into k_att, every layer in one pass. Compiled as a graph
+        of its own: inside _run's graph, which also writes the new frame's keys into k_att, Inductor copied all
+        of k_att for every layer of every call (~5 ms of a 20 ms frame at batch 256 on an H200); uncompiled it
+        is four kernels over the whole ring (~1.7 ms there), compiled one."""
         k_cos, k_sin = self.win_cos.index_select(0, self.phase), self.win_sin.index_select(0, self.phase)
-        torch.addcmul(self.k_ring * k_cos, _swap_halves(self.k_ring), k_sin, out=self.k_att[:, :, :, : self.W])
+        if torch.compiler.is_compiling():  # out= into a strided view breaks the graph; copy_ into k_win is in place
+            self.k_win.copy_(torch.addcmul(self.k_ring * k_cos, _swap_halves(self.k_ring), k_sin))
+        else:
+            torch.addcmul(self.k_ring * k_cos, _swap_halves(self.k_ring), k_sin, out=self.k_win)
 
     def _run(self, decode: bool) -> Tensor:
         dit = self.dit
