@@ -264,3 +264,30 @@ def test_dropping_the_generator_frees_its_step():
     ref = weakref.ref(gen.frame_step())
     del gen
     assert ref() is None  # no cycle: buffers (and on CUDA the graphs) go with the generator
+
+
+def test_a_failed_compile_warns_and_runs_the_same_step_uncompiled(monkeypatch):
+    """If Inductor fails (here: _run's compiled function raises, after the window's rotation compiled and ran),
+    the step warns, keeps the error and gives the eager frames from the same state, then and afterwards."""
+
+    def fake_compile(fn, **kwargs):
+        if fn.__name__ == "_rotate_window":
+            return fn  # "compiled" and working: the fallback rewrites the window from the ring again
+
+        def failing(*args, **kw):
+            raise RuntimeError("inductor broke")
+        return failing
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    nets = make_nets()
+    eager, compiled = (make_gen(nets, f, sink=1) for f in ("off", "compile"))
+    frames, ctx = context(2)
+    for gen in (eager, compiled):
+        gen.reset(frames, ctx, generator=torch.Generator().manual_seed(3))
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        for d in deltas(2, 8):
+            a, b = eager.step(d, decode=False), compiled.step(d, decode=False)
+            torch.testing.assert_close(b, a, **TIGHT)
+    step = compiled.frame_step()
+    assert step.compile_error == "RuntimeError: inductor broke" and step._compiled_run is None
+    assert_same_cache(eager.cache, compiled.cache)
