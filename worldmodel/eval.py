@@ -31,6 +31,7 @@ from worldmodel.checkpoint import load_weights, read_meta
 from worldmodel.config import RunConfig, from_dict
 from worldmodel.diffusion.flow import euler_sample, sigma_grid
 from worldmodel.inference.generator import StreamingGenerator
+from worldmodel.inference.host import to_host
 from worldmodel.metrics import psnr, ssim
 from worldmodel.models.autoencoder import Autoencoder
 from worldmodel.models.dit import WorldDiT
@@ -129,7 +130,7 @@ def rollout(gen, frames: np.ndarray, deltas: np.ndarray, context: int, seed: int
     out, times = [], []
     for i in range(context, frames.shape[1]):
         t = time.perf_counter()
-        out.append(gen.step(torch.as_tensor(deltas[:, i])).cpu().numpy())
+        out.append(to_host(gen.step(torch.as_tensor(deltas[:, i]))).numpy())
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
