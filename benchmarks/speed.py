@@ -6,7 +6,9 @@ For each DiT size x decoder width x sampler x batch B it measures, with decoding
 host always included:
 - first frame: reset() from `generator.context_frames` uint8 frames (encoder included) -> first frame on
   the host, its block at the sampler's own steps; median of 5 (teacher: 3) after one unmeasured reset; also from latent
-  context frames (first_frame_latents_ms: how a packaged world resets, its start contexts stored encoded);
+  context frames (first_frame_latents_ms: how a packaged world resets, its start contexts stored encoded). On a
+  fast path the first frame goes through the static step too (its partial-window variant, a CUDA graph on CUDA,
+  built in the unmeasured reset); the table's last lines give frame-2's first frame over chunk3-4's;
 - steady step: one generator call that yields the next frame(s) of all B worlds, with the KV window full
   (reset from cache_frames random latents, warmed up): median and p90 over --frames calls; frames/s =
   B * frames per call / mean call time;
@@ -176,12 +178,13 @@ def bench_streaming(cfg: RunConfig, dit: WorldDiT, ae: Autoencoder, *, steps: in
     first, first_latents = (
         _median_after_warm(lambda: (gen.reset(ctx, deltas, g, latents=lat), to_host(gen.step(delta))), device, first_reps)
         for ctx, lat in ((frames, False), (z_ctx, True)))
+    first_fast = gen._frame_step is not None  # the first frames went through the static step
     # Steady state: the window full, as after the first cache_frames frames of any long rollout.
     n = gen_cfg.cache_frames
     z = torch.randn(batch, n, *gen.latent_shape, generator=torch.Generator().manual_seed(seed))
     gen.reset(z, torch.zeros(batch, n, 5), g, latents=True)
     times, warm_times = [], []
-    warm = 2 if path == "eager" else 3  # the 1st is the first block; a fast path builds (captures, compiles) in the 2nd
+    warm = 2 if path == "eager" else 3  # the 1st is the first block: a fast path builds its steady step (captures, compiles) there
     for i in range(calls + warm):
         _sync(device)
         t = time.perf_counter()
@@ -193,14 +196,15 @@ def bench_streaming(cfg: RunConfig, dit: WorldDiT, ae: Autoencoder, *, steps: in
         fs = gen._frame_step
         if fs is None or not gen.fast_ready():
             raise RuntimeError(f"speed: the {path} path was never taken (block_size {block_size}, window not full?)")
-        extra = {"graphed": bool(fs.graphs and fs._captured.get(True) is not None),
-                 "capture_ms": 1e3 * fs.capture_s.get(True, 0.0), "capture_error": fs.capture_error,
+        extra = {"graphed": bool(fs.graphs and fs._captured.get((True, False)) is not None),
+                 "first_frame_graphed": bool(fs.graphs and fs._captured.get((True, True)) is not None),
+                 "capture_ms": 1e3 * fs.capture_s.get((True, False), 0.0), "capture_error": fs.capture_error,
                  "compiled": bool(fs.compiled and fs.compile_error is None), "compile_error": fs.compile_error,
-                 "build_call_ms": 1e3 * warm_times[1]}  # the call that built the step (capture, compile included)
+                 "build_call_ms": 1e3 * warm_times[0]}  # the call that built the step (capture, compile included)
     z1 = torch.randn(batch, 1, *gen.latent_shape, device=device, dtype=dtype)
     decode = _best_time(lambda: to_host(gen.decode(z1)), device, 3)
-    return {"first_frame_ms": 1e3 * first, "first_frame_latents_ms": 1e3 * first_latents, **_summary(times),
-            "decode_ms": 1e3 * decode, **extra}
+    return {"first_frame_ms": 1e3 * first, "first_frame_latents_ms": 1e3 * first_latents,
+            "first_frame_path": path if first_fast else "eager", **_summary(times), "decode_ms": 1e3 * decode, **extra}
 
 
 @torch.no_grad()
@@ -318,12 +322,29 @@ def markdown(report: dict[str, Any]) -> str:
         capture = f"{r['capture_ms']:.0f}" if r.get("graphed") and r["path"] == "graph" else "-"
         if r.get("path") == "compile" and "build_call_ms" in r:
             capture = f"{r['build_call_ms']:.0f}"
-        first = f"{r['first_frame_ms']:.0f}" + (f" ({r['first_frame_latents_ms']:.0f})" if "first_frame_latents_ms" in r else "")
+        first = f"{r['first_frame_ms']:.1f}" + (f" ({r['first_frame_latents_ms']:.1f})" if "first_frame_latents_ms" in r else "")
         lines.append(f"| {r['dit']} ({r['dit_params_m']:.1f}) | {r['decoder_width']} | {sampler} | {r['batch']} | "
                      f"{first} | {r['step_median_ms']:.1f} | {r['step_p90_ms']:.1f} | {r['fps']:.1f} | "
                      f"{r['gflop_per_frame']:.2f} | {r['floor_ms']:.2f} | {r['x_floor']:.1f} | {decode} | "
                      f"{r['load_avg_1min']:.1f} | {capture} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + first_frame_ratios(report["rows"])) + "\n"
+
+
+def first_frame_ratios(rows: list[dict[str, Any]]) -> list[str]:
+    """Lines: frame-wise 2-step first frame over chunk-wise 4-step's (issue 6's target: <= 0.40), per batch and
+    path of frame-2 against the eager chunk3-4 row (chunk-wise has no fast path), from frames and from latents."""
+    chunk = {(r["dit"], r["decoder_width"], r["batch"]): r for r in rows if r["sampler"] == "chunk3-4"}
+    lines = []
+    for r in rows:
+        c = chunk.get((r["dit"], r["decoder_width"], r["batch"]))
+        if r["sampler"] != "frame-2" or c is None:
+            continue
+        lines.append(f"- first frame, frame-2 {r.get('path', 'eager')} (its first frame {r.get('first_frame_path', 'eager')}) "
+                     f"/ chunk3-4 eager, {r['dit']}, B={r['batch']}: {r['first_frame_ms'] / c['first_frame_ms']:.2f}x "
+                     f"({r['first_frame_ms']:.1f} / {c['first_frame_ms']:.1f} ms); from latents "
+                     f"{r['first_frame_latents_ms'] / c['first_frame_latents_ms']:.2f}x "
+                     f"({r['first_frame_latents_ms']:.1f} / {c['first_frame_latents_ms']:.1f} ms)")
+    return [""] + lines if lines else []
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """StaticFrameStep (worldmodel.inference.graphed) against StreamingGenerator.step: the same frames for the same
 noise over more frames than the window (the ring wraps), with and without sinks, context noise and the
-previous-frame input, for B = 1 and B > 1, per-world noise and reset_rows; one cache shared with the eager
-path; and nothing in the step that a CUDA graph cannot capture (no host reads, no tensors from host data).
+previous-frame input, for B = 1 and B > 1, per-world noise and reset_rows; from the first frame after a reset
+(the window partly filled, stale slots masked) when the first frame takes the same steps; one cache shared
+with the eager path; and nothing in the step that a CUDA graph cannot capture (no host reads, no tensors from
+host data).
 CUDA graph capture itself needs a GPU: scripts/gpu_speed_graphs.sh runs it."""
 
 import shutil
@@ -33,9 +35,10 @@ def make_nets(prev_frame_input: bool = True, qk_norm: bool = True):
     return dit.eval(), ae.eval()
 
 
-def make_gen(nets, fast, *, steps=2, sink=0, cache_frames=4, context_noise=0.0, block_size=1, cls=StreamingGenerator,
-             dtype=torch.float32, device="cpu"):
-    gen_cfg = GeneratorConfig(steps=steps, first_frame_steps=4, block_size=block_size, cache_frames=cache_frames,
+def make_gen(nets, fast, *, steps=2, first=4, sink=0, cache_frames=4, context_noise=0.0, block_size=1,
+             cls=StreamingGenerator, dtype=torch.float32, device="cpu"):
+    """first: first_frame_steps (4 by default: the first frame eager, the fast path from the second frame on)."""
+    gen_cfg = GeneratorConfig(steps=steps, first_frame_steps=first, block_size=block_size, cache_frames=cache_frames,
                               sink_frames=sink)
     flow_cfg = FlowConfig(shift=3.0, context_noise_inference=context_noise)
     return cls(*nets, STATS, gen_cfg, flow_cfg, device=device, dtype=dtype, fast=fast)
@@ -75,6 +78,50 @@ def test_static_step_gives_the_eager_frames_across_ring_wraps(B, steps, sink, co
         torch.testing.assert_close(zb, za, **TIGHT, msg=lambda m: f"frame {k}: {m}")
     assert static._frame_step is not None and eager._frame_step is None  # the fast path ran; the default did not
     assert_same_cache(eager.cache, static.cache)
+
+
+@pytest.mark.parametrize("B,steps,sink,context_noise,T0", [(1, 2, 0, 0.0, 1), (2, 2, 1, 0.1, 1), (2, 1, 2, 0.0, 2),
+                                                            (2, 4, 0, 0.1, 3)])
+def test_static_step_from_the_first_frame_while_the_window_fills(B, steps, sink, context_noise, T0):
+    """first_frame_steps == steps: the first frame after reset is the static step's too, through the partial
+    states of the window (T0 .. cache_frames - 1 frames written), then the full window and its wraps."""
+    nets = make_nets()
+    eager, static = (make_gen(nets, f, steps=steps, first=steps, sink=sink, context_noise=context_noise)
+                     for f in ("off", "static"))
+    frames, ctx = context(B, T0=T0)
+    for gen in (eager, static):
+        gen.reset(frames, ctx, generator=torch.Generator().manual_seed(7))
+    assert static.fast_ready() and not eager.fast_ready()
+    for k, d in enumerate(deltas(B, 10)):
+        za, zb = eager.step(d, decode=False), static.step(d, decode=False)
+        if k == 0:
+            assert static._frame_step is not None and static._frame_step._written == T0 + 1  # the first frame ran it
+        torch.testing.assert_close(zb, za, **TIGHT, msg=lambda m: f"frame {k}: {m}")
+    assert_same_cache(eager.cache, static.cache)
+
+
+def test_a_reset_after_a_long_rollout_masks_the_stale_slots():
+    """After a reset, the slots the window has not rewritten yet hold the old rollout's keys: the first frames
+    must equal a fresh generator's (whose cache never held them), and do only because the mask drops them."""
+    nets = make_nets()
+    static, fresh = (make_gen(nets, f, first=2, sink=1, context_noise=0.1) for f in ("static", "off"))
+    frames, ctx = context(2)
+    static.reset(frames, ctx, generator=torch.Generator().manual_seed(1))
+    for d in deltas(2, 9):
+        static.step(d, decode=False)
+    new_frames, new_ctx = context(2, T0=1, seed=5)
+    new_deltas = deltas(2, 4, seed=6)
+
+    def first_frames(gen):
+        gen.reset(new_frames, new_ctx, generator=torch.Generator().manual_seed(2))
+        return [gen.step(d, decode=False) for d in new_deltas]
+
+    expected = first_frames(fresh)
+    for k, (a, b) in enumerate(zip(expected, first_frames(static))):
+        torch.testing.assert_close(b, a, **TIGHT, msg=lambda m: f"frame {k}: {m}")
+    with torch.inference_mode():
+        static.frame_step().key_mask.fill_(True)  # without the mask the stale keys leak into the attention
+    assert not torch.allclose(first_frames(static)[0], expected[0], atol=1e-3)
 
 
 def test_decoded_frames_match():
@@ -168,7 +215,8 @@ def test_the_step_reads_nothing_from_the_host(monkeypatch):
         monkeypatch.setattr(torch, name, forbidden(f"torch.{name}"))
     with torch.inference_mode():
         for decode in (True, False):
-            step._run(decode)
+            for masked in (False, True):
+                step._run(decode, masked)
 
 
 def test_clear_errors():
@@ -182,8 +230,6 @@ def test_clear_errors():
     with pytest.raises(RuntimeError, match="reset"):
         StaticFrameStep(gen)
     gen.reset(*context(1), generator=torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match="window full"):
-        StaticFrameStep(gen)
     for d in deltas(1, 4):
         gen.step(d)
     with pytest.raises(ValueError, match="CUDA"):
@@ -236,8 +282,10 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs nee
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fast", ["graph", "compile"])
 def test_cuda_graph_gives_the_eager_frames(dtype, fast):
+    """From the first frame (first_frame_steps == steps): the partial-window graphs, then the steady ones."""
     nets = make_nets()
-    eager, graphed = (make_gen(nets, f, sink=1, context_noise=0.1, dtype=dtype, device="cuda") for f in ("off", fast))
+    eager, graphed = (make_gen(nets, f, first=2, sink=1, context_noise=0.1, dtype=dtype, device="cuda")
+                      for f in ("off", fast))
     frames, ctx = context(2)
     for gen in (eager, graphed):
         gen.reset(frames, ctx, generator=torch.Generator("cuda").manual_seed(7))
@@ -251,7 +299,7 @@ def test_cuda_graph_gives_the_eager_frames(dtype, fast):
             assert (a.float() - b.float()).abs().max() <= (1e-4 if dtype == torch.float32 else 0.05) * scale, k
     step = graphed.frame_step()
     assert step.graphs and step.capture_error is None and step.compile_error is None
-    assert step._captured[True] is not None and step._captured[False] is not None
+    assert all(step._captured[(decode, masked)] is not None for decode in (True, False) for masked in (True, False))
 
 
 def test_dropping_the_generator_frees_its_step():

@@ -5,10 +5,10 @@ cached forward (write=False) and re-noise it to the next sigma with fresh noise;
 the network once on the clean block at sigma = context_noise_inference with write=True so that its keys
 and values enter the cache (a ring with sink frames: bounded memory for any rollout length); decode.
 
-Once the window is full, a frame-wise generator may hand its steady-state frames to
-worldmodel.inference.graphed.StaticFrameStep (`fast="static"`, `fast="graph"` for CUDA graphs on CUDA, or
-`fast="compile"` through torch.compile): the same frames for the same noise, on static buffers that share this
-generator's cache.
+A frame-wise generator may hand its frames to worldmodel.inference.graphed.StaticFrameStep (`fast="static"`,
+`fast="graph"` for CUDA graphs on CUDA, or `fast="compile"` through torch.compile): the same frames for the same
+noise, on static buffers that share this generator's cache; from the first frame after a reset on when
+first_frame_steps == steps, else from the second.
 """
 
 from __future__ import annotations
@@ -58,11 +58,12 @@ class StreamingGenerator:
 
     dtype: the networks' compute dtype. bf16 helps on GPUs and on CPUs with AMX / AVX512-BF16; on CPUs
     without them (e.g. AVX2-only) bf16 convolutions are ~100x slower than fp32: measure.
-    fast: "off" (default), "static", "graph" or "compile": with block_size 1, frames made once the window is
-    full go through worldmodel.inference.graphed.StaticFrameStep, eagerly ("static"), as a CUDA graph ("graph",
-    on CUDA; eager elsewhere) or through torch.compile ("compile", and as a CUDA graph on CUDA; it compiles
-    when the window first fills, ~1-2 min on a 2-core CPU). Same frames for the same noise (to rounding);
-    first frames and chunk-wise blocks as before.
+    fast: "off" (default), "static", "graph" or "compile": with block_size 1, frames go through
+    worldmodel.inference.graphed.StaticFrameStep, eagerly ("static"), as CUDA graphs ("graph", on CUDA; eager
+    elsewhere) or through torch.compile ("compile", and as CUDA graphs on CUDA; it compiles when the window
+    first fills, ~1-2 min on a 2-core CPU; the frames before that run the step uncompiled). Same frames for the
+    same noise (to rounding). The first frame after a reset too when first_frame_steps == steps (else it runs
+    eagerly at its own steps); chunk-wise blocks as before.
     channels_last: the decoder's memory format (channels_last, or contiguous NCHW).
     """
 
@@ -203,14 +204,15 @@ class StreamingGenerator:
         return self.decode(z) if decode else z
 
     def fast_ready(self) -> bool:
-        """Whether the next step() goes through the static frame step (fast on, frame-wise, window full,
-        past the first frame)."""
-        return (self.fast != "off" and self.block_size == 1 and not self._first and not self._queue
-                and self.cache is not None and self.cache.frames_visible == self.cache_frames)
+        """Whether the next step() goes through the static frame step (fast on, frame-wise, a frame in the
+        cache, and past the first frame unless that one takes the same steps)."""
+        return (self.fast != "off" and self.block_size == 1 and not self._queue
+                and (not self._first or self.first_sigmas == self.sigmas)
+                and self.cache is not None and self.cache.frames_visible >= 1)
 
     def frame_step(self):
-        """The StaticFrameStep over this generator's cache (window full), built on first use and again for
-        a new cache (another batch size)."""
+        """The StaticFrameStep over this generator's cache, built on first use and again for a new cache
+        (another batch size)."""
         from worldmodel.inference.graphed import StaticFrameStep  # imports this module: import here
 
         graphs = self.fast in ("graph", "compile") and self.device.type == "cuda"
@@ -230,7 +232,9 @@ class StreamingGenerator:
         for all its frames; the next block_size - 1 calls hand out the rest (their deltas are unused).
         """
         if self.fast_ready():
-            return self.frame_step().step(deltas, decode=decode)
+            out = self.frame_step().step(deltas, decode=decode)
+            self._first = False
+            return out
         if not self._queue:
             d = self._tensor(deltas, torch.float32)
             block = self.step_block(d[:, None].expand(-1, self.block_size, -1), decode=decode)

@@ -1,23 +1,27 @@
-"""StaticFrameStep: the steady state of frame-wise generation as one fixed computation, a CUDA graph on CUDA.
+"""StaticFrameStep: a frame of frame-wise generation as one fixed computation, a CUDA graph on CUDA.
 
-Once the KV window is full, every frame of a StreamingGenerator with block_size 1 does the same work on
-tensors of the same shapes: `steps` denoising calls and one cache-write call of the DiT against the
-window, then the decode. Run eagerly that is ~1,000 small kernels whose launches, not their arithmetic,
-set the time on a GPU (37 ms per 2-step frame at batch 1 on an H200 against a 0.02 ms floor,
-benchmarks/RESULTS.md). Here the same step is written so that nothing in it depends on the host:
+Every frame of a StreamingGenerator with block_size 1 does the same work on tensors of the same shapes
+once the KV window is full: `steps` denoising calls and one cache-write call of the DiT against the
+window, then the decode. The few frames right after a reset, while the window fills, do the same work
+against the window's buffers with the slots not yet written masked out (a second graph), so that the
+first frame on screen is a replay too. Run eagerly a frame is ~1,000 small kernels whose launches, not
+their arithmetic, set the time on a GPU (37 ms per 2-step frame at batch 1 on an H200 against a 0.02 ms
+floor, benchmarks/RESULTS.md). Here the same step is written so that nothing in it depends on the host:
 
 - K/V stay in preallocated buffers, a ring in the KVCache's own slot order; the cache's buffers become
   views of ours (KVCache.adopt_buffers), so the eager path and this one share one cache and may take
-  turns. Which ring slot is oldest is a device tensor `phase`; every slot's window-relative RoPE position
-  for every phase is a precomputed table, so the window's keys are rotated in one pass over all layers per
-  frame, in slot order (attention does not care about the order of the keys), never shifted.
+  turns. Which ring slot is oldest (or how many slots are written) is a device tensor `state`; every slot's
+  window-relative RoPE position for every state is a precomputed table, so the window's keys are rotated in
+  one pass over all layers per frame, in slot order (attention does not care about the order of the keys),
+  never shifted. RoPE is relative: a partial window's T frames sit at positions n-T..n-1 before the new
+  frame at n, the same offsets as the eager path's 0..T-1 before T; a key mask per state drops the rest.
 - The noise is drawn outside, by the generator's own `_randn` in the eager order (first state, re-noise
   draws, then the context-noise draw), and copied into static inputs, so a seeded rollout gives the eager
   path's frames. The time embeddings of the fixed sigmas are constants; the pose embedding and the previous
   frame's share of the patch embedding are computed once per frame instead of once per call; the adaLN
   modulations of every block for every call of a frame are one matmul; RoPE is one multiply-add pair with
   the qk-norm weights folded into its tables. Fewer kernels help the CPU too, where each op costs overhead.
-- On CUDA the step is captured once per (batch, steps, decode) after a warm-up on a side stream and then
+- On CUDA the step is captured once per (batch, steps, decode, window full or not) after a warm-up on a side stream and then
   replayed; the warm-up's writes into the cache are undone. If capture fails, a warning is printed and the
   same step runs eagerly. On the CPU (or graphs=False) the same code always runs eagerly.
 - compiled=True runs the step through torch.compile (Inductor: elementwise chains fused into few kernels, on
@@ -26,7 +30,8 @@ benchmarks/RESULTS.md). Here the same step is written so that nothing in it depe
   shapes): on a 2-core CPU ~1-2 min for the shipped world, on an H200 40-66 s; Inductor keeps its results on
   disk, so a later process compiles faster. Dynamo's recompile limit is raised to COMPILE_VARIANTS for this (its
   default, 8, would make later configurations run uncompiled without a word). If compiling fails, a warning is
-  printed and the step runs uncompiled.
+  printed and the step runs uncompiled. The partial-window variant is never compiled (on CUDA it is still a
+  graph): it runs for cache_frames - context_frames frames per reset, not worth a second compilation.
 
 Numerics: the operations of WorldDiT.forward_cached and the sampler, regrouped (fused multiply-adds, keys
 in slot order), so results agree to rounding: ~1e-6 in fp32 (tests/test_graphed.py), bf16 rounding in
@@ -73,13 +78,13 @@ def _swap_halves(x: Tensor) -> Tensor:
 
 
 class StaticFrameStep:
-    """One steady-state frame of `gen` (block_size 1, window full) on static buffers.
+    """One frame of `gen` (block_size 1, at its `steps` sigmas) on static buffers.
 
-    Build it from a StreamingGenerator that has been reset and whose window is full; then
+    Build it from a StreamingGenerator that has been reset (at least one frame in its window); then
     `step(deltas (B, 5) raw, decode=True)` -> uint8 (B, H, W, 3) (latents (B, C, h, w) with decode=False),
-    the same frame as gen.step with the same noise. StreamingGenerator(fast="static" | "graph") does this by
-    itself once the window is full. graphs: capture CUDA graphs (default: on CUDA); compiled: through
-    torch.compile (StreamingGenerator fast="compile").
+    the same frame as gen.step with the same noise. StreamingGenerator(fast="static" | "graph" | "compile")
+    does this by itself. graphs: capture CUDA graphs (default: on CUDA); compiled: through torch.compile
+    (StreamingGenerator fast="compile").
     """
 
     def __init__(self, gen: StreamingGenerator, *, graphs: bool | None = None, compiled: bool = False) -> None:
@@ -88,9 +93,6 @@ class StaticFrameStep:
             raise ValueError(f"StaticFrameStep is frame-wise only: generator.block_size is {gen.block_size}, needs 1")
         if cache is None:
             raise RuntimeError("StaticFrameStep needs a generator that has been reset() (it takes over its KV cache)")
-        if cache.frames_visible != cache.cache_frames:
-            raise ValueError(f"StaticFrameStep needs the KV window full: {cache.frames_visible} of {cache.cache_frames} "
-                             f"frames written; step the generator eagerly until then")
         if not all(type(b) is Block and isinstance(b.ada, nn.Sequential) for b in dit.blocks):
             raise TypeError("StaticFrameStep re-schedules worldmodel.models.dit.Block: the DiT's blocks are another class")
         self.device, self.dtype = gen.device, gen.dtype
@@ -114,7 +116,7 @@ class StaticFrameStep:
         with torch.inference_mode():
             self._constants(n_frames)
             # State: the ring (un-rotated K after qk-norm, and V with one extra slot for the frame being made),
-            # the rotated keys the attention reads, the previous frame, the ring phase.
+            # the rotated keys the attention reads, the previous frame, the window's state (ring phase or fill).
             self.k_ring = torch.empty((L, B, H, W, hd), device=dev, dtype=dt)
             self.v_all = torch.empty((L, B, H, W + N, hd), device=dev, dtype=dt)
             self.k_att = torch.empty_like(self.v_all)
@@ -127,13 +129,13 @@ class StaticFrameStep:
             self.v_new = [self.v_all[i, :, :, W:] for i in range(L)]
             cache.adopt_buffers(list(self.k_ring.unbind(0)), self.v_ring)
             self.prev = torch.zeros((B, *self.latent_shape), device=dev, dtype=dt)
-            self.phase = torch.zeros((1,), device=dev, dtype=torch.long)
+            self.state = torch.zeros((1,), device=dev, dtype=torch.long)
             # Inputs, written before each frame: raw pose deltas and the frame's noise draws.
             self.delta = torch.zeros((B, 1, cfg.pose_dim), device=dev, dtype=torch.float32)
             self.noise_shape = (B, 1, *self.latent_shape)  # what the eager path draws (B, block, C, h, w)
             n_noise = len(self.sigmas) + (1 if self.context_sigma > 0 else 0)
             self.noise = torch.zeros((n_noise, *self.noise_shape), device=dev, dtype=dt)
-            self._written = -1  # frames_written of the cache that phase and prev reflect; -1: not yet
+            self._written = -1  # frames_written of the cache that state and prev reflect; -1: not yet
             self._follow_cache()
         if dev.type == "cuda":  # pose deltas from the host go through a pinned buffer (async upload)
             self._pinned = torch.zeros((B, cfg.pose_dim), dtype=torch.float32, pin_memory=True)
@@ -148,8 +150,9 @@ class StaticFrameStep:
             self._compiled_run = torch.compile(type(self)._run, dynamic=False)
             self._compiled_rotate = torch.compile(type(self)._rotate_window, dynamic=False)
         self._compiled_for: set[bool] = set()  # decode values compiled (and run) once
-        self._captured: dict[bool, tuple[torch.cuda.CUDAGraph, Tensor] | None] = {}
-        self.capture_s: dict[bool, float] = {}
+        # CUDA graphs by (decode, masked): masked = the partial-window variant (the frames after a reset).
+        self._captured: dict[tuple[bool, bool], tuple[torch.cuda.CUDAGraph, Tensor] | None] = {}
+        self.capture_s: dict[tuple[bool, bool], float] = {}
         self.capture_error: str | None = None
 
     @property
@@ -183,16 +186,26 @@ class StaticFrameStep:
         self.embed_x = w[:, : self.cpp].contiguous()
         self.embed_prev = w[:, self.cpp :].contiguous() if dit.cfg.prev_frame_input else None
         self.embed_b = dit.patch_embed.bias.detach()
-        # RoPE. Window: slot j holds a sink (position j) or the ring frame of age rank (j - S - phase) mod R
-        # (position S + that); the frame being made sits at position n_frames, after the window.
+        # RoPE, per state of the window (a device index, `state`): states 0..R-1 are the full window at ring phase
+        # p, where slot j holds a sink (position j) or the ring frame of age rank (j - S - p) mod R (position S +
+        # that); state R + T is the window while only T < n_frames frames are written (right after a reset),
+        # where slot j < T holds frame j (no wrap yet) and slots j >= T are stale and masked out. The frame being
+        # made always sits at position n_frames; in a partial state the written frames get positions
+        # j + n_frames - T, the same offsets to it as the eager path's 0..T-1 to T (RoPE is relative).
         S, R = self.S, self.R
-        cos_w, sin_w = [], []
-        for phase in range(R):
-            pos = [j if j < S else S + (j - S - phase) % R for j in range(n_frames)]
-            c, s = _rope_tables(*dit.rope(torch.tensor(pos), dt))
-            cos_w.append(c)
-            sin_w.append(s)
-        self.win_cos, self.win_sin = torch.stack(cos_w).to(dev), torch.stack(sin_w).to(dev)  # (R, W, hd)
+        positions = [[j if j < S else S + (j - S - phase) % R for j in range(n_frames)] for phase in range(R)]
+        positions += [[j + n_frames - T if j < T else 0 for j in range(n_frames)] for T in range(n_frames)]
+        tables = [_rope_tables(*dit.rope(torch.tensor(pos), dt)) for pos in positions]
+        self.win_cos = torch.stack([c for c, _ in tables]).to(dev)  # (R + n_frames, W, hd)
+        self.win_sin = torch.stack([s for _, s in tables]).to(dev)
+        # Keys a partial window may attend to: its T written frames and the frame being made (always valid).
+        valid = torch.tensor([[j < T for j in range(n_frames)] for T in range(n_frames)])
+        valid = torch.cat([torch.ones(R, n_frames, dtype=torch.bool), valid])  # full states: all (unused: no mask)
+        self.key_mask = torch.cat([valid.repeat_interleave(N, dim=1), torch.ones(R + n_frames, N, dtype=torch.bool)],
+                                  dim=1)[:, None].to(dev)  # (states, 1, W + N): broadcasts over batch, heads, queries
+        # The state after this frame: the next phase, the next partial state, or (the window filling) phase 0.
+        nxt = [(p + 1) % R for p in range(R)] + [R + T + 1 if T + 1 < n_frames else 0 for T in range(n_frames)]
+        self.next_state = torch.tensor(nxt, dtype=torch.long).to(dev)
         cos_q, sin_q = _rope_tables(*dit.rope(torch.tensor([n_frames]), dt))  # (N, hd)
         # New frame's q and k: rms-normalised without weight, then rotated with the qk-norm weights folded in.
         self.qk_norm = dit.cfg.qk_norm
@@ -205,9 +218,9 @@ class StaticFrameStep:
         self.eps = dit.blocks[0].q_norm.eps if self.qk_norm else None
         if self.qk_norm and any(b.q_norm.eps != self.eps or b.k_norm.eps != self.eps for b in dit.blocks):
             raise ValueError("StaticFrameStep assumes one qk-norm eps for every block")
-        # Token indices of ring slot S + phase, where the next frame is written.
-        slots = torch.arange(R)[:, None] + S
-        self.slot_tokens = (slots * N + torch.arange(N)[None]).to(dev)  # (R, N)
+        # Token indices of the slot the next frame is written to: ring slot S + phase, or slot T of a partial window.
+        slots = torch.cat([torch.arange(R) + S, torch.arange(n_frames)])[:, None]
+        self.slot_tokens = (slots * N + torch.arange(N)[None]).to(dev)  # (states, N)
         self.memory_format = self.gen.decode_memory_format
 
     # ----- per frame, on the host -----
@@ -217,11 +230,11 @@ class StaticFrameStep:
         c = self.cache
         if c.k[0].data_ptr() != self.k_ring[0].data_ptr():
             raise RuntimeError("StaticFrameStep: the KV cache's buffers were replaced; build a new step")
-        if c.frames_visible != c.cache_frames:
-            raise RuntimeError(f"StaticFrameStep: the KV window holds {c.frames_visible} of {c.cache_frames} frames "
-                               f"(reset since?); step eagerly until it is full")
+        if c.frames_written < 1:
+            raise RuntimeError("StaticFrameStep: the KV cache holds no frame; reset() with at least one context frame")
         if c.frames_written != self._written:
-            self.phase.fill_((c.frames_written - self.S) % self.R)
+            n = c.cache_frames
+            self.state.fill_((c.frames_written - self.S) % self.R if c.frames_written >= n else self.R + c.frames_written)
             self._written = c.frames_written
         if c.last_frame is not self.prev:
             self.prev.copy_(c.last_frame)
@@ -250,7 +263,8 @@ class StaticFrameStep:
             raise RuntimeError("StaticFrameStep: the generator has no autoencoder; call with decode=False")
         self._follow_cache()
         self._set_inputs(deltas)
-        out = self._replay(decode) if self.graphs else self._frame(decode)
+        masked = self._written < self.cache.cache_frames  # a partial window: stale slots masked out
+        out = self._replay(decode, masked) if self.graphs else self._frame(decode, masked)
         self.cache.advance(1)  # host bookkeeping only: the device already wrote the slot
         self.cache.last_frame = self.prev
         self._written = self.cache.frames_written
@@ -258,11 +272,13 @@ class StaticFrameStep:
 
     __call__ = step
 
-    def _frame(self, decode: bool) -> Tensor:
-        """_rotate_window, then _run, each compiled when asked for (and compiling worked)."""
-        if self._compiled_run is None:
+    def _frame(self, decode: bool, masked: bool = False) -> Tensor:
+        """_rotate_window, then _run, each compiled when asked for (and compiling worked). The masked variant
+        (the few frames while the window fills after a reset) is never compiled: compiling it would cost as
+        long again as the steady step's, at the first frame."""
+        if self._compiled_run is None or masked:
             self._rotate_window()
-            return self._run(decode)
+            return self._run(decode, masked)
         if decode in self._compiled_for:
             self._compiled_rotate(self)
             return self._compiled_run(self, decode)
@@ -285,20 +301,21 @@ class StaticFrameStep:
 
     # ----- CUDA graphs -----
 
-    def _replay(self, decode: bool) -> Tensor:
-        if decode not in self._captured:
-            self._captured[decode] = self._capture(decode)
-        captured = self._captured[decode]
+    def _replay(self, decode: bool, masked: bool) -> Tensor:
+        key = (decode, masked)
+        if key not in self._captured:
+            self._captured[key] = self._capture(decode, masked)
+        captured = self._captured[key]
         if captured is None:  # capture failed (warned once): the same step, eagerly
-            return self._frame(decode)
+            return self._frame(decode, masked)
         graph, out = captured
         graph.replay()
         return out.clone()
 
     def _state(self) -> list[Tensor]:
-        return [self.k_ring, self.v_all, self.prev, self.phase]  # k_att and outputs are rewritten every frame
+        return [self.k_ring, self.v_all, self.prev, self.state]  # k_att and outputs are rewritten every frame
 
-    def _capture(self, decode: bool) -> tuple[torch.cuda.CUDAGraph, Tensor] | None:
+    def _capture(self, decode: bool, masked: bool) -> tuple[torch.cuda.CUDAGraph, Tensor] | None:
         """Warm up on a side stream (lazy inits, cuBLAS/cuDNN choices), undo its writes, capture on that stream."""
         t0 = time.perf_counter()
         main = torch.cuda.current_stream(self.device)
@@ -307,14 +324,14 @@ class StaticFrameStep:
         side.wait_stream(main)
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._frame(decode)
+                self._frame(decode, masked)
                 for t, s in zip(self._state(), saved):
                     t.copy_(s)
         main.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, stream=side):
-                out = self._frame(decode)  # compiled in the warm-up above (or uncompiled if that failed)
+                out = self._frame(decode, masked)  # compiled in the warm-up above (or uncompiled if that failed)
         except Exception as e:  # noqa: BLE001  (any failure: fall back to the identical eager step)
             torch.cuda.set_stream(main)  # torch.cuda.graph leaves the side stream current when capture_end raises
             torch.cuda.synchronize(self.device)
@@ -322,13 +339,13 @@ class StaticFrameStep:
                 t.copy_(s)
             self.capture_error = f"{type(e).__name__}: {e}"
             msg = (f"StaticFrameStep: CUDA graph capture failed (batch {self.B}, {len(self.sigmas)} steps, "
-                   f"decode={decode}): {self.capture_error}; running the static step eagerly")
+                   f"decode={decode}, masked={masked}): {self.capture_error}; running the static step eagerly")
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
             print(msg, file=sys.stderr, flush=True)
             return None
         main.wait_stream(side)
         torch.cuda.synchronize(self.device)
-        self.capture_s[decode] = time.perf_counter() - t0
+        self.capture_s[(decode, masked)] = time.perf_counter() - t0
         return graph, out
 
     # ----- the step itself: device work only (no host reads, no allocation from host data) -----
@@ -344,18 +361,21 @@ class StaticFrameStep:
         of its own: inside _run's graph, which also writes the new frame's keys into k_att, Inductor copied all
         of k_att for every layer of every call (~5 ms of a 20 ms frame at batch 256 on an H200); uncompiled it
         is four kernels over the whole ring (~1.7 ms there), compiled one."""
-        k_cos, k_sin = self.win_cos.index_select(0, self.phase), self.win_sin.index_select(0, self.phase)
+        k_cos, k_sin = self.win_cos.index_select(0, self.state), self.win_sin.index_select(0, self.state)
         if torch.compiler.is_compiling():  # out= into a strided view breaks the graph; copy_ into k_win is in place
             self.k_win.copy_(torch.addcmul(self.k_ring * k_cos, _swap_halves(self.k_ring), k_sin))
         else:
             torch.addcmul(self.k_ring * k_cos, _swap_halves(self.k_ring), k_sin, out=self.k_win)
 
-    def _run(self, decode: bool) -> Tensor:
+    def _run(self, decode: bool, masked: bool = False) -> Tensor:
+        """The frame after _rotate_window. masked: the window is partly filled (a device-indexed key mask keeps
+        its stale slots out of the attention; SDPA's masked kernel instead of flash)."""
         dit = self.dit
         pose = ((self.delta - self.pose_mean) / self.pose_std).to(self.dtype)  # as StreamingGenerator._pose
         c = self.t_emb + dit.pose_mlp(pose)[:, 0]  # (calls, B, D), as WorldDiT.condition
         mods = F.linear(F.silu(c), self.ada_w, self.ada_b)  # (calls, B, L*6D + 2D)
-        slot = self.slot_tokens.index_select(0, self.phase)[0]  # (N,) tokens of the slot this frame takes
+        slot = self.slot_tokens.index_select(0, self.state)[0]  # (N,) tokens of the slot this frame takes
+        mask = self.key_mask.index_select(0, self.state) if masked else None  # (1, 1, W + N)
         prev = None
         if self.embed_prev is not None:
             prev = F.linear(self._patchify(self.prev), self.embed_prev, self.embed_b).flatten(0, 1)  # (B*N, D)
@@ -363,24 +383,25 @@ class StaticFrameStep:
         # few_step_sample in token space: predict x0 at each sigma, re-noise it to the next with fresh noise.
         x = self._patchify(self.noise[0][:, 0])
         for i, s in enumerate(self.sigmas):
-            x0 = torch.sub(x, self._dit(x, mods[i], prev, None), alpha=s)
+            x0 = torch.sub(x, self._dit(x, mods[i], prev, None, mask), alpha=s)
             if i + 1 < len(self.sigmas):
                 x = add_noise(x0, self._patchify(self.noise[i + 1][:, 0]), self.sigmas[i + 1])
         written = x0
         if self.context_sigma > 0:
             written = add_noise(x0, self._patchify(self.noise[-1][:, 0]), self.context_sigma)
-        self._dit(written, mods[-1], prev, slot)  # the cache write at the context noise level
+        self._dit(written, mods[-1], prev, slot, mask)  # the cache write at the context noise level
         self.prev.copy_(self._unpatchify(written))
-        self.phase.add_(1).remainder_(self.R)
+        self.state.copy_(self.next_state.index_select(0, self.state))
         z = self._unpatchify(x0)
         if not decode:
             return z.contiguous()
         z = z.contiguous(memory_format=self.memory_format)
         return tensor_to_frames(self.autoencoder.decode(z))
 
-    def _dit(self, x: Tensor, mod: Tensor, prev: Tensor | None, write: Tensor | None) -> Tensor:
+    def _dit(self, x: Tensor, mod: Tensor, prev: Tensor | None, write: Tensor | None, mask: Tensor | None) -> Tensor:
         """WorldDiT.forward_cached for one frame in tokens: x (B, N, C p p), mod (B, L*6D + 2D) -> v tokens.
-        write: the ring tokens (N,) this frame's keys and values go to, or None."""
+        write: the ring tokens (N,) this frame's keys and values go to, or None; mask: the keys it may attend to
+        (broadcast to (B, H, N, W + N)), or None for all."""
         B, N, D, L = self.B, self.N, self.D, self.L
         dit = self.dit
         if prev is not None:
@@ -388,11 +409,11 @@ class StaticFrameStep:
         else:
             tok = F.linear(x, self.embed_x, self.embed_b)
         for i, blk in enumerate(dit.blocks):
-            tok = self._block(i, blk, tok, mod[:, 6 * i * D : 6 * (i + 1) * D].view(B, 6, 1, D), write)
+            tok = self._block(i, blk, tok, mod[:, 6 * i * D : 6 * (i + 1) * D].view(B, 6, 1, D), write, mask)
         shift, scale = mod[:, 6 * L * D :].view(B, 2, 1, D).unbind(1)
         return dit.final_linear(torch.addcmul(shift, dit.final_norm(tok), scale))
 
-    def _block(self, i: int, blk: Block, x: Tensor, m: Tensor, write: Tensor | None) -> Tensor:
+    def _block(self, i: int, blk: Block, x: Tensor, m: Tensor, write: Tensor | None, mask: Tensor | None) -> Tensor:
         """Block.forward for one frame against the window: x (B, N, D), m (B, 6, 1, D) with 1 + scale."""
         B, N, H, hd, W = self.B, self.N, self.H, self.hd, self.W
         sa, ca, ga, sm, cm, gm = m.unbind(1)
@@ -402,7 +423,7 @@ class StaticFrameStep:
         v = qkv[:, :, 2].transpose(1, 2)  # (B, H, N, hd)
         self.k_new[i].copy_(rot[:, :, 1].transpose(1, 2))
         self.v_new[i].copy_(v)
-        o = attention(rot[:, :, 0].transpose(1, 2), self.k_att[i], self.v_all[i])  # (B, H, N, hd)
+        o = attention(rot[:, :, 0].transpose(1, 2), self.k_att[i], self.v_all[i], mask)  # (B, H, N, hd)
         if write is not None:  # after the attention read the frame this write evicts
             self.k_ring[i].index_copy_(2, write, (qk[:, :, 1] * self.k_w[i]).transpose(1, 2))
             self.v_ring[i].index_copy_(2, write, v)

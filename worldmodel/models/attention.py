@@ -22,7 +22,8 @@ except Exception:  # ImportError, or a wheel built against another torch/CUDA
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
-    """q: (B, H, Lq, hd), k/v: (B, H, Lk, hd), mask: bool (Lq, Lk) or None -> (B, H, Lq, hd)."""
+    """q: (B, H, Lq, hd), k/v: (B, H, Lk, hd), mask: bool (Lq, Lk) (or any shape that broadcasts to (B, H, Lq, Lk))
+    or None -> (B, H, Lq, hd)."""
     if (
         _flash_attn_func is not None
         and mask is None
