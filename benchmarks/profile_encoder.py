@@ -3,8 +3,8 @@
     python -m benchmarks.profile_encoder [--device cuda] [--batches 1 64 256] [--frames 4] [--rows 20]
 
 A randomly initialised autoencoder of --config (speed does not depend on the weights), for each batch B of
-worlds x --frames context frames: the median time of encode_frames (upload of the uint8 frames from the host
-included, latents synchronised) in the memory layouts channels_last and contiguous, with cuDNN's algorithm
+worlds x --frames context frames: the median time of encode_frames after one unmeasured call (upload of the uint8
+frames from the host included, latents synchronised) in the memory layouts channels_last and contiguous, with cuDNN's algorithm
 search (cudnn.benchmark) off and on; then a torch.profiler table of the kernels of the last batch in the
 layout StreamingGenerator uses by default (channels_last), sorted by device time.
 """
@@ -12,14 +12,12 @@ layout StreamingGenerator uses by default (channels_last), sorted by device time
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.speed import DEFAULT_CONFIG
+from benchmarks.speed import DEFAULT_CONFIG, _median_after_warm, _sync
 from worldmodel.config import load_config
 from worldmodel.inference.generator import autoencoder_on, encode_frames
 from worldmodel.inference.world import default_dtype, resolve_dtype
@@ -28,23 +26,13 @@ from worldmodel.models.autoencoder import Autoencoder
 LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.inference_mode()
 def time_encode(ae: Autoencoder, frames: np.ndarray, device: torch.device, reps: int) -> float:
-    """Median seconds of encode_frames over reps calls after two unmeasured ones, from host uint8 frames."""
-    times = []
-    for i in range(reps + 2):
+    """Median seconds of encode_frames from host uint8 frames, the latents synchronised."""
+    def encode() -> None:
+        with torch.inference_mode():
+            encode_frames(ae, torch.as_tensor(frames).to(device))
         _sync(device)
-        t = time.perf_counter()
-        encode_frames(ae, torch.as_tensor(frames).to(device))
-        _sync(device)
-        if i >= 2:
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return _median_after_warm(encode, device, reps)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
